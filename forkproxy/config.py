@@ -1,0 +1,127 @@
+"""Settings: their defaults, their checks, and how the environment sets them."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+from .urls import parse_upstream
+
+MiB = 1024 * 1024
+
+DEFAULTS: dict[str, Any] = {
+    "timeout": 30.0,
+    "connect_timeout": 10.0,
+    "max_request_body_bytes": 1 * MiB,
+    "max_response_body_bytes": 8 * MiB,
+    "stream_idle_timeout": 60.0,
+    "max_event_bytes": 1 * MiB,
+    "sse_heartbeat_secs": 0.0,
+    "ca_certs": None,
+    "trusted_proxies": None,
+    "pool_maxsize": 256,
+}
+
+
+class ConfigError(ValueError):
+    """A setting with a value forkproxy cannot run with; the message is one line."""
+
+
+def _number(kind: Callable[[str], Any]) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: not a number: {value!r}") from None
+        if number != number or number < 0:  # NaN or negative
+            raise ConfigError(f"{name}: must not be negative: {value!r}")
+        return number
+    return check
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        return int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return value
+
+
+def _upstream(name: str, value: Any) -> str:
+    if not value:
+        raise ConfigError(f"{name} is not set: give the upstream base URL, e.g. http://127.0.0.1:9000")
+    try:
+        parse_upstream(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return str(value)
+
+
+def _ca_certs(name: str, value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not os.path.isfile(value):
+        raise ConfigError(f"{name}: no such CA bundle file: {value!r}")
+    return str(value)
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "upstream": _upstream,
+    "timeout": _number(float),
+    "connect_timeout": _number(float),
+    "max_request_body_bytes": _number(_whole),
+    "max_response_body_bytes": _number(_whole),
+    "stream_idle_timeout": _number(float),
+    "max_event_bytes": _number(_whole),
+    "sse_heartbeat_secs": _number(float),
+    "ca_certs": _ca_certs,
+    "pool_maxsize": _number(_whole),
+}
+
+
+def check_setting(name: str, value: Any, label: str | None = None) -> Any:
+    """The value converted to its type, or ConfigError naming ``label``."""
+    check = _CHECKS.get(name)
+    return value if check is None else check(label or name, value)
+
+
+def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(settings) - set(DEFAULTS) - {"upstream"}
+    if unknown:
+        raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}; valid: {', '.join(sorted(DEFAULTS))}")
+    return {name: check_setting(name, value) for name, value in settings.items()}
+
+
+# FORKPROXY_* variable -> setting name; the retry ones feed the app's policy.
+ENVIRONMENT = {
+    "FORKPROXY_UPSTREAM": "upstream",
+    "FORKPROXY_TIMEOUT": "timeout",
+    "FORKPROXY_CONNECT_TIMEOUT": "connect_timeout",
+    "FORKPROXY_MAX_REQUEST_BODY_BYTES": "max_request_body_bytes",
+    "FORKPROXY_MAX_RESPONSE_BODY_BYTES": "max_response_body_bytes",
+    "FORKPROXY_STREAM_IDLE_TIMEOUT": "stream_idle_timeout",
+    "FORKPROXY_MAX_EVENT_BYTES": "max_event_bytes",
+    "FORKPROXY_SSE_HEARTBEAT_SECS": "sse_heartbeat_secs",
+    "FORKPROXY_CA_CERTS": "ca_certs",
+}
+RETRY_ENVIRONMENT = {"FORKPROXY_RETRY_ATTEMPTS": 1, "FORKPROXY_RETRY_BACKOFF_MS": 100}
+
+
+def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings named by FORKPROXY_* variables; the upstream must be there."""
+    settings = {"upstream": check_setting("upstream", env.get("FORKPROXY_UPSTREAM"), "FORKPROXY_UPSTREAM")}
+    for var, name in ENVIRONMENT.items():
+        if name != "upstream" and env.get(var, "") != "":
+            settings[name] = check_setting(name, env[var], var)
+    return settings
+
+
+def retry_from_env(env: Mapping[str, str]) -> tuple[int, int]:
+    """(attempts, backoff ms) for the ready-made app's idempotent retries."""
+    attempts, backoff = (
+        _number(_whole)(var, env.get(var) or default) for var, default in RETRY_ENVIRONMENT.items()
+    )
+    if attempts < 1:
+        raise ConfigError(f"FORKPROXY_RETRY_ATTEMPTS: must be at least 1: {env.get('FORKPROXY_RETRY_ATTEMPTS')!r}")
+    return attempts, backoff

@@ -1,0 +1,60 @@
+"""Errors the proxy itself answers with.
+
+Each class carries the HTTP status and the contract's ``type`` string, so the
+forwarding code raises one and a single place turns it into the JSON reply.
+"""
+from __future__ import annotations
+
+import json
+
+
+class ProxyError(Exception):
+    """An error answered by forkproxy, not by the upstream."""
+
+    status: int = 500
+    type: str = "proxy_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": self.message, "type": self.type}}).encode()
+
+
+class BadRequest(ProxyError):
+    status, type = 400, "bad_request"
+
+
+class PayloadTooLarge(ProxyError):
+    status, type = 413, "payload_too_large"
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"request body exceeds proxy cap of {cap} bytes")
+
+
+class UpstreamUnreachable(ProxyError):
+    status, type = 502, "upstream_unreachable"
+
+
+class UpstreamBodyTooLarge(ProxyError):
+    status, type = 502, "upstream_body_too_large"
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"upstream response body exceeds proxy cap of {cap} bytes")
+
+
+class BadUpstreamResponse(ProxyError):
+    status, type = 502, "bad_upstream_response"
+
+
+class UpstreamTimeout(ProxyError):
+    status, type = 504, "upstream_timeout"
+
+
+class UpgradeNotSupported(ProxyError):
+    status, type = 501, "upgrade_not_supported"
+
+
+class HookError(ProxyError):
+    status, type = 500, "hook_error"

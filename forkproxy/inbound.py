@@ -1,0 +1,105 @@
+"""Reading the client's request out of a WSGI environ."""
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from urllib3 import HTTPHeaderDict
+
+from .errors import BadRequest, PayloadTooLarge
+from .messages import Request
+from .urls import target_path
+
+_READ_SIZE = 64 * 1024
+
+
+def request_target(environ: dict) -> str:
+    """The request target as the client sent it, where the server kept it."""
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if target:
+        return target
+    path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/;=,@:!$&'()*+~")
+    query = environ.get("QUERY_STRING")
+    return f"{path}?{query}" if query else path
+
+
+def headers_from_environ(environ: dict) -> HTTPHeaderDict:
+    headers = HTTPHeaderDict()
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers.add(key[5:].replace("_", "-").title(), value)
+    for key, name in (("CONTENT_TYPE", "Content-Type"), ("CONTENT_LENGTH", "Content-Length")):
+        if environ.get(key):
+            headers[name] = environ[key]
+    return headers
+
+
+def request_from_environ(environ: dict) -> tuple[Request, BadRequest | None]:
+    """The request without its body, and the refusal of a non-path target.
+
+    A refused request still gets a ``Request`` (its ``raw_path`` the target as
+    sent) so that ``after_forward`` can audit it like any other.
+    """
+    target = request_target(environ)
+    try:
+        raw_path, refused = target_path(target), None
+    except BadRequest as err:
+        raw_path, refused = target, err
+    req = Request(
+        method=environ["REQUEST_METHOD"].upper(),
+        raw_path=raw_path,
+        headers=headers_from_environ(environ),
+        remote_addr=environ.get("REMOTE_ADDR", ""),
+        scheme=environ.get("wsgi.url_scheme", "http"),
+        environ=environ,
+    )
+    return req, refused
+
+
+def declared_length(environ: dict) -> int | None:
+    raw = environ.get("CONTENT_LENGTH")
+    if not raw:
+        return None
+    try:
+        length = int(raw)
+    except ValueError:
+        raise BadRequest(f"malformed Content-Length: {raw[:40]!r}") from None
+    if length < 0:
+        raise BadRequest(f"malformed Content-Length: {raw[:40]!r}")
+    return length
+
+
+def read_body(environ: dict, cap: int) -> bytes:
+    """The whole request body, refused early when it is over ``cap`` (0 = no cap).
+
+    A declared length over the cap is refused before any body byte is read; a
+    chunked upload is read up to cap+1 bytes and no further. A body that ends
+    short of its declared length means the client went away mid-body: such a
+    request must never reach the upstream.
+    """
+    length = declared_length(environ)
+    stream = environ.get("wsgi.input")
+    if length is not None:
+        if cap and length > cap:
+            raise PayloadTooLarge(cap)
+        body = _read(stream, length) if length else b""
+        if len(body) < length:
+            raise BadRequest(f"request body ended after {len(body)} of {length} bytes")
+        return body
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower() or stream is None:
+        return b""
+    parts, size = [], 0
+    while True:
+        part = _read(stream, _READ_SIZE)
+        if not part:
+            return b"".join(parts)
+        size += len(part)
+        if cap and size > cap:
+            raise PayloadTooLarge(cap)
+        parts.append(part)
+
+
+def _read(stream, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except Exception as exc:  # a socket error, or the server's own (gunicorn's NoMoreData, bad chunk)
+        raise BadRequest(f"malformed or incomplete request body: {type(exc).__name__} {exc}") from None

@@ -1,0 +1,155 @@
+"""The objects handed to hooks: what came in, what goes out, both ways."""
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import unquote
+
+from urllib3 import HTTPHeaderDict
+
+from .errors import ProxyError
+
+
+def _as_bytes(data: bytes | str) -> bytes:
+    return data.encode("utf-8") if isinstance(data, str) else data
+
+
+class Request:
+    """The client's request as forkproxy received it."""
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        raw_path: str,
+        headers: HTTPHeaderDict,
+        body: bytes = b"",
+        remote_addr: str = "",
+        scheme: str = "http",
+        environ: dict | None = None,
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        path, _, self.query_string = raw_path.partition("?")
+        self.path = unquote(path)
+        self.headers = headers
+        self.body = body
+        self.remote_addr = remote_addr
+        self.scheme = scheme
+        self.environ = environ if environ is not None else {}
+        self.ivars: dict[str, Any] = {}
+
+    def json(self) -> Any:
+        """The body parsed as JSON, or ``None`` when it is not JSON."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.raw_path}>"
+
+
+class Response:
+    """What the client will get; hooks may change any field."""
+
+    def __init__(self, status: int = 200, headers: HTTPHeaderDict | None = None, body: bytes | str = b"") -> None:
+        self.status = status
+        self.headers = headers if headers is not None else HTTPHeaderDict()
+        self.body = body
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @body.setter
+    def body(self, data: bytes | str) -> None:
+        self._body = _as_bytes(data)
+
+    @classmethod
+    def from_error(cls, error: ProxyError) -> "Response":
+        return cls(error.status, HTTPHeaderDict({"Content-Type": "application/json"}), error.body())
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {len(self._body)} bytes>"
+
+
+class UpstreamRequest:
+    """What the upstream will get; ``before_forward`` may change any field."""
+
+    def __init__(self, method: str, path: str, headers: HTTPHeaderDict, body: bytes = b"") -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @body.setter
+    def body(self, data: bytes | str) -> None:
+        self._body = _as_bytes(data)
+
+    def __repr__(self) -> str:
+        return f"<UpstreamRequest {self.method} {self.path}>"
+
+
+class UpstreamResponse:
+    """What the upstream answered; ``status == 0`` when no answer is used."""
+
+    def __init__(
+        self,
+        status: int = 0,
+        headers: HTTPHeaderDict | None = None,
+        body: bytes = b"",
+        error: ProxyError | None = None,
+        attempts: int = 0,
+    ) -> None:
+        self.status = status
+        self.headers = headers if headers is not None else HTTPHeaderDict()
+        self.body = body
+        self.error = error
+        self.attempts = attempts
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse {self.status} attempts={self.attempts} error={self.error!r}>"
+
+
+class StreamStats:
+    """Counters carried across one streamed response."""
+
+    __slots__ = ("byte_count", "chunk_count", "errored", "client_disconnected", "meta")
+
+    def __init__(self) -> None:
+        self.byte_count = 0
+        self.chunk_count = 0
+        self.errored = False
+        self.client_disconnected = False
+        self.meta: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return (f"<StreamStats units={self.chunk_count} bytes={self.byte_count} "
+                f"errored={self.errored} client_disconnected={self.client_disconnected}>")
+
+
+class StreamWriter:
+    """``out`` of the stream hooks: bytes written here go to the client next.
+
+    Writes are queued and handed to the server between units, so a hook stays
+    plain blocking code; after the client is gone they are discarded.
+    """
+
+    __slots__ = ("_pending", "discarding")
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+        self.discarding = False
+
+    def write(self, data: bytes | str) -> None:
+        if not self.discarding and data:
+            self._pending.append(_as_bytes(data))
+
+    def take(self) -> list[bytes]:
+        pending, self._pending = self._pending, []
+        return pending

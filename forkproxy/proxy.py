@@ -1,0 +1,255 @@
+"""``Proxy``: the WSGI application and its hooks.
+
+One request runs top to bottom in ``_exchange``: read the request, let the
+hooks shape it, send it (urllib3 retries as the policy says), then either
+buffer the reply or hand it to the streaming path. Every proxy-made failure is
+a ``ProxyError`` turned into the contract's JSON in one place.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from http import HTTPStatus
+from typing import Any, Callable, Iterable
+
+import urllib3
+
+from . import headers as header_rules
+from .buffered import read_body
+from .config import DEFAULTS, check_settings
+from .errors import BadRequest, BadUpstreamResponse, HookError, PayloadTooLarge, ProxyError, UpgradeNotSupported
+from .inbound import read_body as read_request_body
+from .inbound import request_from_environ
+from .messages import Request, Response, UpstreamRequest, UpstreamResponse, StreamStats, StreamWriter
+from .retry import RetryPolicy
+from .serving import ENV_RETRIES, ENV_UPSTREAM_STATUS, ENV_UPSTREAM_TIME, close_connection_after, default_trusted
+from .streaming import StreamRelay, is_event_stream
+from .trust import TrustedProxies
+from .upstream import Transport
+from .urls import Upstream, parse_upstream
+
+log = logging.getLogger("forkproxy")
+
+HOOK_NAMES = (
+    "pick_upstream", "rewrite_path", "retry_policy", "before_forward",
+    "after_forward", "stream_request", "on_stream_chunk", "on_stream_end",
+)
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+def status_line(status: int) -> str:
+    return f"{status} {_REASONS.get(status, 'Unknown')}"
+
+
+class Proxy:
+    """A reverse proxy to one upstream, as a WSGI application.
+
+    Customise it by overriding the hooks in a subclass, or by registering
+    plain functions with ``@proxy.hook``. Settings are plain attributes.
+    """
+
+    def __init__(self, upstream: str, **settings: Any) -> None:
+        checked = check_settings({"upstream": upstream, **settings})
+        for name, default in DEFAULTS.items():
+            setattr(self, name, checked.get(name, default))
+        self.upstream = checked["upstream"]
+        self._transport: Transport | None = None
+
+    # -- hooks -------------------------------------------------------------
+
+    def pick_upstream(self, req: Request) -> str:
+        """Base URL for this request: scheme, host, port, optional prefix."""
+        return self.upstream
+
+    def rewrite_path(self, path: str) -> str:
+        """Upstream path+query for the raw path+query the client sent."""
+        return path
+
+    def retry_policy(self, req: Request) -> RetryPolicy:
+        return RetryPolicy()
+
+    def before_forward(self, req: Request, res: Response, ureq: UpstreamRequest) -> bool:
+        """Shape ``ureq``; return True to answer with ``res`` instead."""
+        return False
+
+    def after_forward(self, req: Request, ures: UpstreamResponse, res: Response) -> None:
+        """Runs once for every request that is not streamed."""
+
+    def stream_request(self, req: Request) -> bool:
+        """True sends the reply down the streaming path whatever its type."""
+        return False
+
+    def on_stream_chunk(self, chunk: bytes, out: StreamWriter, stats: StreamStats) -> None:
+        out.write(chunk)
+
+    def on_stream_end(self, req: Request, out: StreamWriter, stats: StreamStats) -> None:
+        """Runs once per streamed response, after its last unit."""
+
+    def hook(self, fn: Callable) -> Callable:
+        """Register ``fn`` as the hook its name says, for this instance only."""
+        name = getattr(fn, "__name__", "")
+        if name not in HOOK_NAMES:
+            raise ValueError(f"unknown hook {name!r}; valid hooks: {', '.join(HOOK_NAMES)}")
+        setattr(self, name, fn)
+        return fn
+
+    @staticmethod
+    def is_hop_by_hop(name: str) -> bool:
+        return header_rules.is_hop_by_hop(name)
+
+    # -- WSGI --------------------------------------------------------------
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        req, refused = request_from_environ(environ)
+        status, headers, body = self._exchange(req, refused)
+        start_response(status_line(status), headers)
+        return body
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = Transport(pool_maxsize=self.pool_maxsize, ca_certs=self.ca_certs)
+        return self._transport
+
+    def trusted(self) -> TrustedProxies:
+        configured = self.trusted_proxies
+        if configured is None:
+            return default_trusted()
+        if not isinstance(configured, TrustedProxies):
+            self.trusted_proxies = configured = TrustedProxies(configured)
+        return configured
+
+    # -- one request -------------------------------------------------------
+
+    def _exchange(self, req: Request, refused: BadRequest | None) -> tuple[int, list, Iterable[bytes]]:
+        res = Response()
+        ures = UpstreamResponse()
+        close = False
+        try:
+            if refused is not None:
+                raise refused
+            streamed = self._forward(req, res, ures)
+            if streamed is not None:
+                return streamed
+        except ProxyError as err:
+            close = isinstance(err, (PayloadTooLarge, BadRequest))
+            self._fail(req, res, ures, err)
+        try:
+            _call(self.after_forward, req, ures, res)
+            reply_headers = self._client_headers(req, res)
+        except HookError as err:
+            self._fail(req, res, ures, err)
+            reply_headers = self._client_headers(req, res)
+        body: Iterable[bytes] = [res.body]
+        if close:
+            body = close_connection_after(body, req.environ)
+        return res.status, reply_headers, body
+
+    def _fail(self, req: Request, res: Response, ures: UpstreamResponse, err: ProxyError) -> None:
+        if isinstance(err, HookError) and err.__cause__ is not None:
+            log.error("%s %s: %s", req.method, req.raw_path, err.message, exc_info=err.__cause__)
+        else:
+            log.warning("%s %s -> %d %s: %s", req.method, req.raw_path, err.status, err.type, err.message)
+        ures.error = err
+        error = Response.from_error(err)
+        res.status, res.headers, res.body = error.status, error.headers, error.body
+
+    def _forward(self, req: Request, res: Response, ures: UpstreamResponse):
+        """Fill ``res`` and ``ures``; return a streamed reply when there is one."""
+        if header_rules.wants_upgrade(req.headers):
+            raise UpgradeNotSupported("protocol upgrade (e.g. WebSocket) is not supported by this proxy")
+        req.body = read_request_body(req.environ, self.max_request_body_bytes)
+        ureq = self._upstream_request(req)
+        if _call(self.before_forward, req, res, ureq):
+            return None
+        _check_upstream_request(ureq)
+        upstream = self._pick_upstream(req)
+        policy = _call(self.retry_policy, req)
+        retries = policy.to_urllib3()
+        stream_wanted = _call(self.stream_request, req)
+        started = time.monotonic()
+        try:
+            resp = self.transport.send(upstream, ureq, retries=retries, timeout=self._timeout())
+        finally:
+            _note_upstream(req, retries.count.retries, started)
+            ures.attempts = retries.count.retries + 1
+        ures.status, ures.headers = resp.status, resp.headers
+        req.environ[ENV_UPSTREAM_STATUS] = resp.status
+        if (stream_wanted or is_event_stream(resp.headers)) and _may_have_body(req.method, resp.status):
+            return StreamRelay(self, req, resp, upstream).reply()
+        ures.body = read_body(resp, self.max_response_body_bytes, upstream)
+        req.environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - started:.6f}"
+        res.status, res.headers, res.body = resp.status, _copy_headers(resp.headers), ures.body
+        return None
+
+    def _upstream_request(self, req: Request) -> UpstreamRequest:
+        environ = req.environ
+        host = req.headers.get("host") or environ.get("SERVER_NAME", "")
+        forwarded = header_rules.upstream_request_headers(
+            req.headers,
+            client_addr=req.remote_addr,
+            proto=req.scheme,
+            host=host,
+            peer_trusted=req.remote_addr in self.trusted(),
+        )
+        return UpstreamRequest(req.method, _call(self.rewrite_path, req.raw_path), forwarded, req.body)
+
+    def _pick_upstream(self, req: Request) -> Upstream:
+        base = _call(self.pick_upstream, req)
+        try:
+            return parse_upstream(base)
+        except (ValueError, TypeError) as exc:
+            raise HookError(f"pick_upstream gave an unusable upstream: {exc}") from None
+
+    def _timeout(self) -> urllib3.Timeout:
+        return urllib3.Timeout(connect=min(self.connect_timeout, self.timeout), read=self.timeout)
+
+    def _client_headers(self, req: Request, res: Response) -> list[tuple[str, str]]:
+        """WSGI headers for ``res``; Content-Length is the body's, except
+        where no body is sent (HEAD, 204, 304) and the upstream's stands."""
+        keep_length = req.method == "HEAD" or res.status in (204, 304)
+        pairs = header_rules.client_response_headers(res.headers, keep_content_length=keep_length)
+        bad = header_rules.first_forbidden(pairs)
+        if bad is not None:
+            raise HookError(f"response header {bad!r} holds CR, LF or NUL")
+        if not keep_length:
+            pairs.append(("Content-Length", str(len(res.body))))
+        return pairs
+
+
+def _call(hook: Callable, *args: Any) -> Any:
+    """Run a hook; whatever it raises becomes a 500 hook_error."""
+    try:
+        return hook(*args)
+    except ProxyError:
+        raise
+    except Exception as exc:
+        raise HookError(f"hook {getattr(hook, '__name__', hook)!r} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _check_upstream_request(ureq: UpstreamRequest) -> None:
+    if not isinstance(ureq.path, str) or not ureq.path.startswith("/"):
+        raise HookError(f"upstream path must start with '/': {ureq.path!r}")
+    if header_rules.has_forbidden_chars(ureq.path) or " " in ureq.path:
+        raise HookError(f"upstream path holds CR, LF, NUL or space: {ureq.path!r}")
+    bad = header_rules.first_forbidden(ureq.headers.items())
+    if bad is not None:
+        raise HookError(f"upstream request header {bad!r} holds CR, LF or NUL")
+
+
+def _copy_headers(headers: urllib3.HTTPHeaderDict) -> urllib3.HTTPHeaderDict:
+    bad = header_rules.first_forbidden(headers.items())
+    if bad is not None:
+        raise BadUpstreamResponse(f"upstream header {bad!r} holds CR, LF or NUL")
+    return urllib3.HTTPHeaderDict(headers)
+
+
+def _may_have_body(method: str, status: int) -> bool:
+    return method != "HEAD" and status >= 200 and status not in (204, 304)
+
+
+def _note_upstream(req: Request, retries: int, started: float) -> None:
+    req.ivars["proxy_retry_count"] = retries
+    req.environ[ENV_RETRIES] = retries
+    req.environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - started:.6f}"

@@ -1,0 +1,137 @@
+"""Retry policy as a value object, carried out by urllib3's own machinery.
+
+``RetryPolicy`` is what hooks build and tests reason about; ``PolicyRetry``
+is the ``urllib3.util.Retry`` that makes urllib3 retry exactly what the policy
+allows and sleep exactly what it says.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Collection
+
+from urllib3.util.retry import Retry
+
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))
+RETRY_AFTER_STATUSES = frozenset((429, 503))
+
+
+class RetryPolicy:
+    """How often and how patiently to retry one request.
+
+    ``retry_methods`` limits which methods are retried after the request may
+    have reached the upstream (a retriable status, a reset, a read timeout);
+    ``None`` means every method. A failed connect sent nothing, so it is
+    retried whatever the method.
+    """
+
+    def __init__(
+        self,
+        max_attempts: int = 1,
+        base_backoff_ms: int = 0,
+        backoff_multiplier: float = 2,
+        retry_on_status: Collection[int] = (502, 503, 504),
+        max_backoff_ms: int = 30000,
+        jitter: bool = False,
+        retry_methods: Collection[str] | None = None,
+    ) -> None:
+        self.max_attempts = max_attempts
+        self.base_backoff_ms = base_backoff_ms
+        self.backoff_multiplier = backoff_multiplier
+        self.retry_on_status = tuple(retry_on_status)
+        self.max_backoff_ms = max_backoff_ms
+        self.jitter = jitter
+        self.retry_methods = None if retry_methods is None else frozenset(m.upper() for m in retry_methods)
+
+    @property
+    def base_backoff_secs(self) -> float:
+        return self.base_backoff_ms / 1000.0
+
+    @base_backoff_secs.setter
+    def base_backoff_secs(self, secs: float) -> None:
+        self.base_backoff_ms = int(round(secs * 1000))
+
+    def backoff_for(self, n: int) -> int:
+        """Milliseconds slept before retry ``n`` (0-based), before jitter."""
+        ms = self.base_backoff_ms * self.backoff_multiplier ** n
+        return int(min(ms, self.max_backoff_ms))
+
+    def retriable(self, status: int) -> bool:
+        return status == 0 or status in self.retry_on_status
+
+    def method_retriable(self, method: str) -> bool:
+        return self.retry_methods is None or method.upper() in self.retry_methods
+
+    def sleep_ms(self, n: int) -> float:
+        """What is really slept before retry ``n``: jitter applied."""
+        ms = self.backoff_for(n)
+        return random.uniform(0, ms) if self.jitter else ms
+
+    def to_urllib3(self) -> "PolicyRetry":
+        return PolicyRetry(policy=self)
+
+    def __repr__(self) -> str:
+        return (f"RetryPolicy(max_attempts={self.max_attempts}, base_backoff_ms={self.base_backoff_ms}, "
+                f"backoff_multiplier={self.backoff_multiplier}, retry_on_status={self.retry_on_status}, "
+                f"max_backoff_ms={self.max_backoff_ms}, jitter={self.jitter}, retry_methods={self.retry_methods})")
+
+
+class RetryCount:
+    """Retries made so far; shared by every Retry urllib3 derives via ``new()``.
+
+    urllib3 raises instead of returning its last Retry when attempts run out,
+    so the count has to live outside the Retry objects.
+    """
+
+    __slots__ = ("retries",)
+
+    def __init__(self) -> None:
+        self.retries = 0
+
+
+class PolicyRetry(Retry):
+    """urllib3 ``Retry`` driven by a ``RetryPolicy``.
+
+    Stock urllib3 sleeps 0 before the first retry and retries 413/429/503 on
+    Retry-After alone; here the policy decides both.
+    """
+
+    def __init__(self, *, policy: RetryPolicy, count: RetryCount | None = None, **kw: Any) -> None:
+        self.policy = policy
+        self.count = count or RetryCount()
+        kw.setdefault("total", max(policy.max_attempts, 1) - 1)
+        kw.setdefault("redirect", False)
+        kw.setdefault("raise_on_status", False)
+        kw.setdefault("allowed_methods", policy.retry_methods)
+        super().__init__(**kw)
+
+    def new(self, **kw: Any) -> "PolicyRetry":
+        kw.setdefault("policy", self.policy)
+        kw.setdefault("count", self.count)
+        return super().new(**kw)
+
+    def increment(self, *args: Any, **kw: Any) -> "PolicyRetry":
+        retry = super().increment(*args, **kw)
+        self.count.retries = len(retry.history)
+        return retry
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        return self._is_method_retryable(method) and status_code in self.policy.retry_on_status
+
+    def get_backoff_time(self) -> float:
+        return self.policy.sleep_ms(len(self.history) - 1) / 1000.0
+
+    def sleep_for_retry(self, response: Any) -> bool:
+        if response.status not in RETRY_AFTER_STATUSES:
+            return False
+        retry_after = self.get_retry_after(response)
+        if retry_after is None:
+            return False
+        time.sleep(min(retry_after, self.policy.max_backoff_ms / 1000.0))
+        return True
+
+    def get_retry_after(self, response: Any) -> float | None:
+        try:
+            return super().get_retry_after(response)
+        except Exception:  # an unparseable Retry-After falls back to the backoff
+            return None

@@ -1,0 +1,68 @@
+"""What forkproxy shares with the server that runs it (gunicorn, or any WSGI).
+
+Nothing here imports gunicorn: gunicorn.conf.py calls ``configure_worker``
+from inside a worker, and the rest only reads the WSGI environ.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Iterable, Iterator
+
+from .trust import TrustedProxies
+
+# WSGI environ keys gunicorn's access log can print as %({key}e)s.
+ENV_UPSTREAM_STATUS = "forkproxy.upstream_status"
+ENV_UPSTREAM_TIME = "forkproxy.upstream_time"
+ENV_RETRIES = "forkproxy.retries"
+
+_server_trusted: TrustedProxies | None = None
+
+
+def default_trusted() -> TrustedProxies:
+    """Peers trusted for X-Forwarded-*: gunicorn's ``forwarded_allow_ips``.
+
+    Outside a configured gunicorn worker, gunicorn's own default applies.
+    """
+    global _server_trusted
+    if _server_trusted is None:
+        _server_trusted = TrustedProxies(os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"))
+    return _server_trusted
+
+
+def configure_worker(worker: Any) -> None:
+    """Adopt a gunicorn worker's settings: trusted peers and the error log.
+
+    ``worker.cfg`` holds the final values however they were given (config
+    file, flags, GUNICORN_CMD_ARGS), which the app cannot see otherwise.
+    """
+    global _server_trusted
+    _server_trusted = TrustedProxies(worker.cfg.forwarded_allow_ips)
+    ours, theirs = logging.getLogger("forkproxy"), logging.getLogger("gunicorn.error")
+    ours.handlers = list(theirs.handlers)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+
+
+class close_connection_after:
+    """A reply body after which the client connection is not reused.
+
+    Used where unread request bytes are left on the connection (a refused
+    upload): the reply goes out whole, then our side of the socket is shut so
+    the client sees the end instead of sending its next request into it.
+    """
+
+    def __init__(self, body: Iterable[bytes], environ: dict) -> None:
+        self._body = body
+        self._sock = environ.get("gunicorn.socket")
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
