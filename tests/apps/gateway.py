@@ -1,0 +1,86 @@
+"""A hooked Proxy for the end-to-end tests; request headers steer the hooks.
+
+X-Test-Upstream picks another upstream (the misbehaving raw servers),
+X-Test-Retry / X-Test-Backoff / X-Test-Max-Backoff / X-Test-Retry-Methods
+build the retry policy, and the path picks what before_forward does.
+"""
+import os
+
+from forkproxy import Proxy, RetryPolicy
+
+SETTINGS = {
+    key: float(os.environ[env])
+    for key, env in (("timeout", "TEST_TIMEOUT"), ("connect_timeout", "TEST_CONNECT_TIMEOUT"))
+    if env in os.environ
+}
+for key, env in (("max_request_body_bytes", "TEST_MAX_REQUEST"), ("max_response_body_bytes", "TEST_MAX_RESPONSE")):
+    if env in os.environ:
+        SETTINGS[key] = int(os.environ[env])
+
+
+class TestGateway(Proxy):
+    def pick_upstream(self, req):
+        return req.headers.get("X-Test-Upstream") or self.upstream
+
+    def rewrite_path(self, path):
+        return path[len("/strip"):] if path.startswith("/strip/") else path
+
+    def retry_policy(self, req):
+        h = req.headers
+        methods = h.get("X-Test-Retry-Methods")
+        return RetryPolicy(
+            max_attempts=int(h.get("X-Test-Retry", 1)),
+            base_backoff_ms=int(h.get("X-Test-Backoff", 0)),
+            max_backoff_ms=int(h.get("X-Test-Max-Backoff", 30000)),
+            retry_methods=methods.split(",") if methods else None,
+        )
+
+    def before_forward(self, req, res, ureq):
+        path = req.path
+        if path.startswith("/short"):
+            res.status = 418
+            res.headers["X-Short"] = "yes"
+            res.body = "short-circuited"
+            return True
+        if path.startswith("/hook-raise"):
+            raise RuntimeError("boom from before_forward")
+        if path.startswith("/hook-crlf"):
+            ureq.headers["X-Evil"] = "a\r\nInjected: 1"
+        if path.startswith("/hook-res-crlf"):
+            res.headers["X-Evil"] = "a\r\nInjected: 1"
+            res.body = "x"
+            return True
+        if path.startswith("/hook-badpath"):
+            ureq.path = "evil.example/x"
+        if path.startswith("/swap-key"):
+            ureq.headers["Authorization"] = "Bearer real-key"
+        return False
+
+    def after_forward(self, req, ures, res):
+        res.headers["X-Seen-Status"] = str(ures.status)
+        res.headers["X-Seen-Attempts"] = str(ures.attempts)
+        res.headers["X-Seen-Retries"] = str(req.ivars.get("proxy_retry_count"))
+        res.headers["X-Seen-Error"] = ures.error.type if ures.error else "none"
+        res.headers["X-Worker-Pid"] = str(os.getpid())
+        if req.path.startswith("/after-raise"):
+            raise ValueError("boom from after_forward")
+
+
+app = TestGateway(os.environ["TEST_UPSTREAM"], **SETTINGS)
+
+# The same behaviour with hooks registered on an instance instead of a subclass.
+hooked = Proxy(os.environ["TEST_UPSTREAM"], **SETTINGS)
+
+
+@hooked.hook
+def before_forward(req, res, ureq):
+    ureq.headers["X-Hooked"] = "instance"
+    if req.path.startswith("/short"):
+        res.status, res.body = 202, "instance short-circuit"
+        return True
+    return False
+
+
+@hooked.hook
+def after_forward(req, ures, res):
+    res.headers["X-After"] = f"{ures.status}"

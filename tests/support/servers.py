@@ -1,0 +1,201 @@
+"""Real upstream servers on 127.0.0.1 for the tests.
+
+``Upstream`` is a threaded HTTP/1.1 server whose routes each test registers
+(and which records every request it got); ``RawServer`` hands each accepted
+socket to a function, for upstreams that misbehave on purpose.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    peer_port: int
+    target: str = ""  # the request target exactly as sent (http.server folds a leading //)
+    at: float = field(default_factory=time.monotonic)
+
+    def header(self, name: str) -> str | None:
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ConnectionError, BrokenPipeError):
+            self.close_connection = True
+
+    def _any(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            body = self.rfile.read(length) if length else b""
+        seen = Seen(self.command, self.path, list(self.headers.items()), body, self.client_address[1],
+                    target=self.requestline.split(" ")[1])
+        self.server.upstream.record(seen)
+        route = self.server.upstream.route_for(self.path)
+        route(self, seen)
+
+    def _read_chunked(self) -> bytes:
+        parts = []
+        while True:
+            size = int(self.rfile.readline().split(b";")[0], 16)
+            if size == 0:
+                self.rfile.readline()
+                return b"".join(parts)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _any
+
+    # helpers for routes
+    def reply(self, status: int = 200, body: bytes = b"", headers: list[tuple[str, str]] = (),
+              content_type: str = "text/plain") -> None:
+        self.send_response(status)
+        names = {k.lower() for k, _ in headers}
+        if "content-type" not in names:
+            self.send_header("Content-Type", content_type)
+        for k, v in headers:
+            self.send_header(k, v)
+        if "content-length" not in names and "transfer-encoding" not in names:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and status not in (204, 304):
+            self.wfile.write(body)
+
+    def start_chunked(self, status: int = 200, headers: list[tuple[str, str]] = (),
+                      content_type: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def echo(handler: Handler, seen: Seen) -> None:
+    import json
+    handler.reply(200, json.dumps({
+        "method": seen.method, "path": seen.path, "headers": seen.headers,
+        "body": seen.body.decode("latin-1"),
+    }).encode(), content_type="application/json")
+
+
+class Upstream:
+    """A programmable upstream: ``route(prefix, fn)``; unknown paths echo."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Callable[[Handler, Seen], None]] = {}
+        self._seen: list[Seen] = []
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.upstream = self
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def route(self, prefix: str, fn: Callable[[Handler, Seen], None]) -> None:
+        self._routes[prefix] = fn
+
+    def route_for(self, path: str) -> Callable[[Handler, Seen], None]:
+        best = max((p for p in self._routes if path.startswith(p)), key=len, default=None)
+        return self._routes[best] if best is not None else echo
+
+    def record(self, seen: Seen) -> None:
+        with self._lock:
+            self._seen.append(seen)
+
+    def seen(self, prefix: str = "") -> list[Seen]:
+        with self._lock:
+            return [s for s in self._seen if s.path.startswith(prefix) or s.target.startswith(prefix)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class RawServer:
+    """Accepts connections and runs ``handle(sock)`` for each in a thread."""
+
+    def __init__(self, handle: Callable[[socket.socket], None], backlog: int = 128) -> None:
+        self.handle = handle
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.accepted = 0
+        self._closed = False
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.handle(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+def read_request_head(conn: socket.socket, limit: int = 65536) -> bytes:
+    """Read up to the end of a request head; what a raw upstream needs first."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < limit:
+        part = conn.recv(4096)
+        if not part:
+            break
+        data += part
+    return data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

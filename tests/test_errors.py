@@ -1,0 +1,196 @@
+"""Every proxy-made error of the contract, as JSON, with the worker still serving."""
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.support.client import raw, request, status_of
+from tests.support.servers import RawServer, free_port, read_request_head
+
+
+def unique(prefix="/e"):
+    return f"{prefix}/{uuid.uuid4().hex}"
+
+
+def via(server_url):
+    return {"X-Test-Upstream": server_url}
+
+
+def assert_error(reply, status, type_):
+    assert reply.status == status, reply
+    assert reply.error_type() == type_
+    assert reply.json()["error"]["message"]
+
+
+def test_refused_connect_is_502_upstream_unreachable(gateway):
+    reply = request(gateway.url, "GET", "/x", headers=via(f"http://127.0.0.1:{free_port()}"))
+    assert_error(reply, 502, "upstream_unreachable")
+    assert reply.header("X-Seen-Error") == "upstream_unreachable"  # after_forward saw the error
+    assert reply.header("X-Seen-Status") == "0"
+
+
+def test_unknown_host_is_502_upstream_unreachable(gateway):
+    reply = request(gateway.url, "GET", "/x", headers=via("http://no-such-host.invalid:80"))
+    assert_error(reply, 502, "upstream_unreachable")
+
+
+def test_no_response_head_in_time_is_504(gateway):
+    hold = threading.Event()
+    server = RawServer(lambda conn: (read_request_head(conn), hold.wait(10)))
+    try:
+        started = time.monotonic()
+        reply = request(gateway.url, "GET", "/slow", headers=via(server.url))
+        assert_error(reply, 504, "upstream_timeout")
+        assert 2.5 < time.monotonic() - started < 8  # the gateway's timeout is 3 s
+    finally:
+        hold.set()
+        server.close()
+
+
+def test_connect_not_done_in_time_is_504():
+    pytest.importorskip("gevent")
+    # A listener that never accepts, with its backlog full: further SYNs go unanswered.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    time.sleep(0.2)
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        probe.connect(listener.getsockname())
+        pytest.skip("this kernel accepts SYNs past a full backlog")
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        probe.close()
+    from tests.support.gunicorn import Gunicorn
+    from tests.support.servers import Upstream
+    up = Upstream()
+    g = Gunicorn("tests.apps.gateway:app", env={"TEST_UPSTREAM": up.url, "TEST_CONNECT_TIMEOUT": "0.5",
+                                                "TEST_TIMEOUT": "5"}).start()
+    try:
+        started = time.monotonic()
+        reply = request(g.url, "GET", "/x", headers=via(f"http://127.0.0.1:{listener.getsockname()[1]}"))
+        assert_error(reply, 504, "upstream_timeout")
+        assert time.monotonic() - started < 4
+    finally:
+        g.stop()
+        up.close()
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def test_connection_closed_before_head_is_502_upstream_unreachable(gateway):
+    server = RawServer(lambda conn: read_request_head(conn))
+    try:
+        assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "upstream_unreachable")
+    finally:
+        server.close()
+
+
+def test_reset_before_head_is_502_upstream_unreachable(gateway):
+    def reset(conn):
+        read_request_head(conn)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    server = RawServer(reset)
+    try:
+        assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "upstream_unreachable")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 abc Nope\r\nContent-Length: 0\r\n\r\n",
+    b"SPAM\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
+])
+def test_malformed_head_is_502_bad_upstream_response(gateway, head):
+    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(head)))
+    try:
+        assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "bad_upstream_response")
+    finally:
+        server.close()
+
+
+def test_body_shorter_than_its_content_length_is_502_bad_upstream_response(gateway):
+    server = RawServer(lambda conn: (read_request_head(conn),
+                                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this")))
+    try:
+        assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "bad_upstream_response")
+    finally:
+        server.close()
+
+
+def test_bad_chunk_framing_is_502_bad_upstream_response(gateway):
+    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")))
+    try:
+        assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "bad_upstream_response")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("header", [b"X-Folded: a\r\n b", b"X-Nul: a\x00b", b"X-Cr: a\rInjected: 1"])
+def test_upstream_header_with_cr_lf_or_nul_is_502(gateway, header):
+    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
+        b"HTTP/1.1 200 OK\r\n" + header + b"\r\nContent-Length: 2\r\n\r\nok")))
+    try:
+        reply = request(gateway.url, "GET", "/x", headers=via(server.url))
+        assert_error(reply, 502, "bad_upstream_response")
+        assert not any(k.lower() == "injected" for k, _ in reply.headers)
+    finally:
+        server.close()
+
+
+def test_body_read_silent_for_timeout_is_504(gateway):
+    hold = threading.Event()
+    server = RawServer(lambda conn: (read_request_head(conn),
+                                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"), hold.wait(10)))
+    try:
+        assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 504, "upstream_timeout")
+    finally:
+        hold.set()
+        server.close()
+
+
+def test_hook_that_raises_is_500_and_the_worker_keeps_serving(gateway):
+    pids = set()
+    for path in ("/hook-raise/1", "/after-raise/1"):
+        reply = request(gateway.url, "GET", path)
+        assert_error(reply, 500, "hook_error")
+    gateway.wait_for_log(r"RuntimeError: boom from before_forward")
+    gateway.wait_for_log(r"ValueError: boom from after_forward")
+    assert "Traceback" in gateway.log()
+    for _ in range(3):
+        reply = request(gateway.url, "GET", unique())
+        assert reply.status == 200
+        pids.add(reply.header("X-Worker-Pid"))
+    assert len(pids) == 1 and len(gateway.worker_pids()) == 1
+
+
+def test_hook_set_header_with_crlf_is_500_and_never_sent(gateway, upstream):
+    path = unique("/hook-crlf")
+    assert_error(request(gateway.url, "GET", path), 500, "hook_error")
+    assert upstream.seen(path) == []
+    reply = request(gateway.url, "GET", unique("/hook-res-crlf"))
+    assert_error(reply, 500, "hook_error")
+    assert not any(k.lower() == "injected" for k, _ in reply.headers)
+
+
+def test_hook_made_path_without_leading_slash_is_500(gateway, upstream):
+    assert_error(request(gateway.url, "GET", unique("/hook-badpath")), 500, "hook_error")
+
+
+def test_errors_are_logged_with_their_reason(gateway):
+    request(gateway.url, "GET", "/logged", headers=via(f"http://127.0.0.1:{free_port()}"))
+    gateway.wait_for_log(r"GET /logged -> 502 upstream_unreachable: cannot connect")

@@ -1,0 +1,178 @@
+"""What reaches the upstream and what comes back, through real gunicorn."""
+import gzip
+import uuid
+
+from tests.support.client import raw, request, status_of
+
+
+def unique(prefix="/f"):
+    return f"{prefix}/{uuid.uuid4().hex}"
+
+
+def test_method_path_query_and_body_reach_the_upstream(gateway, upstream):
+    path = unique() + "?a=1&b=%20x"
+    reply = request(gateway.url, "PUT", path, body=b"payload-bytes", headers={"X-Custom": "v"})
+    assert reply.status == 200
+    (seen,) = upstream.seen(path.split("?")[0])
+    assert (seen.method, seen.path, seen.body) == ("PUT", path, b"payload-bytes")
+    assert seen.header("X-Custom") == "v"
+    assert seen.header("Content-Length") == "13"
+
+
+def test_host_comes_from_the_upstream_url_not_the_client(gateway, upstream):
+    path = unique()
+    request(gateway.url, "GET", path, headers={"Host": "client-chosen.example"})
+    (seen,) = upstream.seen(path)
+    assert seen.all("Host") == [f"127.0.0.1:{upstream.port}"]
+
+
+def test_hop_by_hop_and_connection_named_headers_never_reach_the_upstream(gateway, upstream):
+    path = unique()
+    request(gateway.url, "GET", path, headers=[
+        ("Connection", "keep-alive, X-Secret-Hop"), ("X-Secret-Hop", "1"), ("Keep-Alive", "timeout=5"),
+        ("Proxy-Authorization", "Basic cHJveHk6cGFzcw=="), ("TE", "trailers"), ("Trailer", "X-T"),
+        ("Proxy-Connection", "keep-alive"), ("Expect", "100-continue"), ("X-End-To-End", "kept"),
+    ], body=b"")
+    (seen,) = upstream.seen(path)
+    names = {k.lower() for k, _ in seen.headers}
+    for hop in ("x-secret-hop", "keep-alive", "proxy-authorization", "te", "trailer", "proxy-connection", "expect"):
+        assert hop not in names, hop
+    assert seen.header("X-End-To-End") == "kept"
+
+
+def test_hop_by_hop_and_connection_named_headers_never_reach_the_client(gateway, upstream):
+    path = unique("/hop-back")
+    upstream.route(path, lambda h, s: h.reply(200, b"ok", headers=[
+        ("Connection", "X-Upstream-Hop"), ("X-Upstream-Hop", "1"), ("Keep-Alive", "timeout=9"),
+        ("Proxy-Authenticate", "Basic"), ("Upgrade", "h2c"), ("X-Accel-Redirect", "/internal/secret"),
+        ("X-Accel-Buffering", "yes"), ("X-Normal", "kept"),
+    ]))
+    reply = request(gateway.url, "GET", path)
+    names = {k.lower() for k, _ in reply.headers}
+    for hop in ("x-upstream-hop", "keep-alive", "proxy-authenticate", "upgrade", "x-accel-redirect", "x-accel-buffering"):
+        assert hop not in names, hop
+    assert reply.header("X-Normal") == "kept"
+
+
+def test_repeated_response_headers_stay_repeated(gateway, upstream):
+    path = unique("/cookies")
+    upstream.route(path, lambda h, s: h.reply(200, b"ok", headers=[
+        ("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/"), ("Set-Cookie", "c=3, with comma")]))
+    reply = request(gateway.url, "GET", path)
+    assert reply.all("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/", "c=3, with comma"]
+
+
+def test_x_forwarded_for_gets_the_client_appended(gateway, upstream):
+    path = unique()
+    request(gateway.url, "GET", path, headers={"X-Forwarded-For": "203.0.113.7"})
+    (seen,) = upstream.seen(path)
+    assert seen.header("X-Forwarded-For") == "203.0.113.7, 127.0.0.1"
+
+
+def test_trusted_peer_keeps_its_forwarded_proto_and_host(gateway, upstream):
+    # gunicorn's default forwarded_allow_ips trusts 127.0.0.1, where the test client is.
+    path = unique()
+    request(gateway.url, "GET", path, headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example"})
+    (seen,) = upstream.seen(path)
+    assert seen.header("X-Forwarded-Proto") == "https"
+    assert seen.header("X-Forwarded-Host") == "api.example"
+
+
+def test_trusted_peer_that_sent_none_gets_the_proxys_own_view(gateway, upstream):
+    path = unique()
+    request(gateway.url, "GET", path, headers={"Host": "front.example:8443"})
+    (seen,) = upstream.seen(path)
+    assert seen.header("X-Forwarded-Proto") == "http"
+    assert seen.header("X-Forwarded-Host") == "front.example:8443"
+
+
+def test_content_encoding_passes_untouched(gateway, upstream):
+    payload = gzip.compress(b"hello " * 1000)
+    path = unique("/gz")
+    upstream.route(path, lambda h, s: h.reply(200, payload, headers=[("Content-Encoding", "gzip")]))
+    reply = request(gateway.url, "GET", path, headers={"Accept-Encoding": "gzip"})
+    assert reply.header("Content-Encoding") == "gzip"
+    assert reply.body == payload
+    assert reply.header("Content-Length") == str(len(payload))
+
+
+def test_redirects_are_passed_to_the_client_not_followed(gateway, upstream):
+    path = unique("/redir")
+    upstream.route(path, lambda h, s: h.reply(302, b"", headers=[("Location", "/elsewhere")]))
+    reply = request(gateway.url, "GET", path)
+    assert reply.status == 302
+    assert reply.header("Location") == "/elsewhere"
+    assert upstream.seen("/elsewhere") == []
+
+
+def test_head_keeps_the_upstream_content_length(gateway, upstream):
+    path = unique("/head")
+    upstream.route(path, lambda h, s: h.reply(200, b"x" * 1234))
+    reply = request(gateway.url, "HEAD", path)
+    assert reply.status == 200
+    assert reply.header("Content-Length") == "1234"
+    assert reply.body == b""
+
+
+def test_304_keeps_the_upstream_content_length(gateway, upstream):
+    path = unique("/notmod")
+    upstream.route(path, lambda h, s: h.reply(304, b"", headers=[("Content-Length", "777"), ("ETag", '"v1"')]))
+    reply = request(gateway.url, "GET", path, headers={"If-None-Match": '"v1"'})
+    assert reply.status == 304
+    assert reply.header("Content-Length") == "777"
+    assert reply.header("ETag") == '"v1"'
+
+
+def test_absolute_form_target_uses_only_its_path(gateway, upstream):
+    path = unique("/abs")
+    reply = raw(gateway.url, f"GET http://evil.example{path}?q=1 HTTP/1.1\r\nHost: evil.example\r\n"
+                             "Connection: close\r\n\r\n".encode())
+    assert status_of(reply) == 200
+    (seen,) = upstream.seen(path)
+    assert seen.path == path + "?q=1"
+    assert seen.header("Host") == f"127.0.0.1:{upstream.port}"
+
+
+def test_double_slash_target_is_forwarded_as_the_path_it_is(gateway, upstream):
+    marker = uuid.uuid4().hex
+    reply = raw(gateway.url, f"GET //evil.example/{marker} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(reply) == 200
+    (seen,) = upstream.seen(f"//evil.example/{marker}")
+    assert seen.target == f"//evil.example/{marker}"
+    assert seen.header("Host") == f"127.0.0.1:{upstream.port}"
+
+
+def test_targets_that_are_not_paths_get_400(gateway):
+    for target in ("@evil.example/x", "*", "evil.example:80"):
+        reply = raw(gateway.url, f"OPTIONS {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert status_of(reply) == 400, (target, reply[:200])
+
+
+def test_upgrade_request_gets_501(gateway, upstream):
+    path = unique("/ws")
+    reply = request(gateway.url, "GET", path, headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+    assert reply.status == 501
+    assert reply.error_type() == "upgrade_not_supported"
+    assert upstream.seen(path) == []
+
+
+def test_rewrite_path_changes_what_the_upstream_sees(gateway, upstream):
+    marker = uuid.uuid4().hex
+    request(gateway.url, "GET", f"/strip/{marker}?k=v")
+    (seen,) = upstream.seen(f"/{marker}")
+    assert seen.path == f"/{marker}?k=v"
+
+
+def test_before_forward_can_swap_credentials(gateway, upstream):
+    path = unique("/swap-key")
+    request(gateway.url, "GET", path, headers={"Authorization": "Bearer client-key"})
+    (seen,) = upstream.seen(path)
+    assert seen.all("Authorization") == ["Bearer real-key"]
+
+
+def test_short_circuit_answers_without_calling_the_upstream(gateway, upstream):
+    path = unique("/short")
+    reply = request(gateway.url, "GET", path)
+    assert (reply.status, reply.body, reply.header("X-Short")) == (418, b"short-circuited", "yes")
+    assert reply.header("X-Seen-Status") == "0"  # after_forward ran, with no upstream response
+    assert upstream.seen(path) == []
