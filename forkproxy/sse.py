@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 
 # A line end followed by a second one: the blank line that closes an event.
-_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+# A CR followed by LF is one line end (CRLF), never two.
+_LINE_END = rb"(?:\r\n|\r(?!\n)|\n)"
+_EVENT_END = re.compile(_LINE_END + _LINE_END)
 _LINE_ENDS = (b"\r\n", b"\r", b"\n")
 
 

@@ -1,0 +1,36 @@
+"""The proxy the FORKPROXY_* variables describe (served by ``forkproxy.app``)."""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from .config import ConfigError, retry_from_env, settings_from_env
+from .messages import Request
+from .proxy import Proxy
+from .retry import IDEMPOTENT_METHODS, RetryPolicy
+
+
+class EnvProxy(Proxy):
+    """A ``Proxy`` that retries as FORKPROXY_RETRY_* say.
+
+    Failures after the request may have reached the upstream are retried for
+    idempotent methods only; a failed connect is retried for every method.
+    """
+
+    retry_attempts = 1
+    retry_backoff_ms = 100
+
+    def retry_policy(self, req: Request) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.retry_attempts,
+            base_backoff_ms=self.retry_backoff_ms,
+            retry_methods=IDEMPOTENT_METHODS,
+        )
+
+
+def from_env(env: Mapping[str, str] = os.environ) -> EnvProxy:
+    """Build the proxy; raises ConfigError with a one-line message."""
+    proxy = EnvProxy(**settings_from_env(env))
+    proxy.retry_attempts, proxy.retry_backoff_ms = retry_from_env(env)
+    return proxy
+

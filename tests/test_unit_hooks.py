@@ -1,0 +1,60 @@
+"""Hook registration and the objects handed to hooks, without sockets."""
+import pytest
+from urllib3 import HTTPHeaderDict
+
+from forkproxy import HOOK_NAMES, Proxy, Request, Response, UpstreamRequest
+
+
+def test_hook_registration_by_function_name_replaces_per_instance():
+    a, b = Proxy("http://127.0.0.1:1"), Proxy("http://127.0.0.1:1")
+
+    @a.hook
+    def rewrite_path(path):
+        return "/one" + path
+
+    @a.hook
+    def rewrite_path(path):  # noqa: F811 - registering again replaces
+        return "/two" + path
+
+    assert a.rewrite_path("/x") == "/two/x"
+    assert b.rewrite_path("/x") == "/x"
+
+
+def test_unknown_hook_name_raises_naming_the_valid_ones():
+    proxy = Proxy("http://127.0.0.1:1")
+    with pytest.raises(ValueError) as info:
+        @proxy.hook
+        def before_forwardd(req, res, ureq):
+            return False
+    for name in HOOK_NAMES:
+        assert name in str(info.value)
+
+
+def test_settings_are_checked_and_are_plain_attributes():
+    proxy = Proxy("http://127.0.0.1:1", timeout=5, max_request_body_bytes=10)
+    assert (proxy.timeout, proxy.max_request_body_bytes, proxy.connect_timeout) == (5, 10, 10)
+    proxy.timeout = 1
+    assert proxy._timeout().connect_timeout == 1  # connect never above the whole timeout
+    with pytest.raises(ValueError):
+        Proxy("ftp://x")
+    with pytest.raises(ValueError):
+        Proxy("http://x", timeout=-1)
+    with pytest.raises(TypeError):
+        Proxy("http://x", timeoutt=1)
+
+
+def test_request_fields():
+    req = Request(method="POST", raw_path="/a%20b/c?x=1&y=2", headers=HTTPHeaderDict({"A": "1"}),
+                  body=b'{"model": "m"}')
+    assert (req.path, req.query_string) == ("/a b/c", "x=1&y=2")
+    assert req.json() == {"model": "m"}
+    assert req.headers["a"] == "1"
+    req.body = b"not json"
+    assert req.json() is None
+
+
+def test_str_bodies_are_encoded_as_utf8():
+    res, ureq = Response(), UpstreamRequest("GET", "/", HTTPHeaderDict())
+    res.body = "héllo"
+    ureq.body = "wörld"
+    assert (res.body, ureq.body) == ("héllo".encode(), "wörld".encode())

@@ -1,0 +1,76 @@
+"""SSE framing, without sockets: every line-end style, any split."""
+import pytest
+
+from forkproxy.sse import EventFramer, EventTooLarge
+
+STREAMS = {
+    "lf": b"data: a\n\ndata: b\nid: 2\n\n",
+    "crlf": b"data: a\r\n\r\ndata: b\r\nid: 2\r\n\r\n",
+    "cr": b"data: a\r\rdata: b\rid: 2\r\r",
+    "mixed": b"data: a\r\n\ndata: b\rid: 2\n\r\n",
+}
+
+
+def frame(stream, pieces):
+    framer = EventFramer()
+    out = []
+    for piece in pieces:
+        out += framer.feed(piece)
+    return out + framer.finish()
+
+
+@pytest.mark.parametrize("style", STREAMS)
+def test_every_split_of_the_stream_gives_the_same_two_events(style):
+    stream = STREAMS[style]
+    whole = frame(stream, [stream])
+    assert len(whole) == 2 and b"".join(whole) == stream
+    for cut in range(1, len(stream)):
+        assert frame(stream, [stream[:cut], stream[cut:]]) == whole, cut
+    assert frame(stream, [bytes([b]) for b in stream]) == whole
+
+
+def test_several_events_in_one_read_are_split():
+    framer = EventFramer()
+    assert framer.feed(b"data: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4") == [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"]
+    assert framer.finish() == [b"data: 4\n\n"]
+
+
+def test_cr_at_the_end_of_a_read_waits_for_a_possible_lf():
+    framer = EventFramer()
+    assert framer.feed(b"data: x\r\n\r") == []
+    assert framer.feed(b"\ndata: y") == [b"data: x\r\n\r\n"]
+
+
+def test_a_trailing_event_is_completed_at_eof():
+    for tail, completed in [(b"data: z", b"data: z\n\n"), (b"data: z\n", b"data: z\n\n"),
+                            (b"data: z\r\n", b"data: z\r\n\n"), (b"data: z\r\r", b"data: z\r\r")]:
+        framer = EventFramer()
+        assert framer.feed(tail) == []
+        assert framer.finish() == [completed], tail
+
+
+def test_nothing_left_means_nothing_at_eof():
+    framer = EventFramer()
+    framer.feed(b"data: a\n\n")
+    assert framer.finish() == []
+
+
+def test_an_incomplete_event_over_the_limit_fails():
+    framer = EventFramer(max_event_bytes=100)
+    framer.feed(b"data: " + b"x" * 90)
+    with pytest.raises(EventTooLarge):
+        framer.feed(b"x" * 20)
+
+
+def test_complete_events_are_not_held_against_the_limit():
+    framer = EventFramer(max_event_bytes=100)
+    events = framer.feed((b"data: " + b"x" * 80 + b"\n\n") * 50)
+    assert len(events) == 50 and framer.pending == 0
+
+
+def test_large_event_in_many_small_reads_is_linear_not_quadratic():
+    framer = EventFramer()
+    for _ in range(20000):
+        assert framer.feed(b"data: " + b"y" * 44 + b"\n") == []
+    (event,) = framer.feed(b"\n")
+    assert len(event) == 20000 * 51 + 1
