@@ -103,3 +103,12 @@ def test_response_over_the_cap_is_cut_off_while_reading(capped):
         assert rss_kib(worker, "VmHWM") < 120 * 1024
     finally:
         server.close()
+
+
+def test_chunked_upload_cut_short_by_a_vanishing_client_is_never_forwarded(capped, upstream):
+    path = unique()
+    with socket.create_connection(("127.0.0.1", capped.port), timeout=5) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                     + b"a\r\n0123456789\r\n64\r\nonly-part")
+    capped.wait_for_log(rf"POST {path} -> 400 bad_request")
+    assert upstream.seen(path) == []

@@ -20,3 +20,14 @@ def test_a_connection_the_upstream_closed_is_replaced_not_failed(gateway, upstre
     for i in range(5):
         assert request(gateway.url, "POST", f"{prefix}/{i}", body=b"x").status == 200
     assert len({s.peer_port for s in upstream.seen(prefix)}) == 5
+
+
+def test_a_keep_alive_connection_the_upstream_dropped_while_idle_is_not_used_for_a_post(gateway, upstream):
+    import time
+    prefix = f"/pool-idle/{uuid.uuid4().hex}"
+    # Closes after answering without saying so, as an upstream's idle timeout does.
+    upstream.route(prefix, lambda h, s: (h.reply(200, b"ok"), setattr(h, "close_connection", True)))
+    for i in range(3):
+        assert request(gateway.url, "POST", f"{prefix}/{i}", body=b"once").status == 200
+        time.sleep(0.1)
+    assert [s.body for s in upstream.seen(prefix)] == [b"once"] * 3
