@@ -117,11 +117,16 @@ class UpstreamResponse:
 
 
 class StreamStats:
-    """Counters carried across one streamed response."""
+    """Counters carried across one streamed response.
 
-    __slots__ = ("byte_count", "chunk_count", "errored", "client_disconnected", "meta")
+    ``req`` is the request being streamed, so that ``on_stream_chunk`` can
+    see what ``before_forward`` put in ``req.ivars`` (the model, a tenant).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("req", "byte_count", "chunk_count", "errored", "client_disconnected", "meta")
+
+    def __init__(self, req: Request | None = None) -> None:
+        self.req = req
         self.byte_count = 0
         self.chunk_count = 0
         self.errored = False

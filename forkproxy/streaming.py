@@ -12,6 +12,8 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Iterator
 
+import gevent
+import gevent.queue
 import urllib3
 
 from . import headers as header_rules
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkproxy")
 
 _READ_SIZE = 64 * 1024
+# An SSE comment line: ignored by every client, but it crosses the network,
+# so intermediaries keep an idle stream open and a gone client shows.
+HEARTBEAT = b": keep-alive\n\n"
 
 
 def is_event_stream(headers: urllib3.HTTPHeaderDict) -> bool:
@@ -55,7 +60,7 @@ class StreamRelay:
         self.sse = is_event_stream(resp.headers)
         # An event stream is framed (and seen by hooks) decoded; other bodies pass as sent.
         self.decode = self.sse and "content-encoding" in resp.headers
-        self.stats = StreamStats()
+        self.stats = StreamStats(req)
         self.out = StreamWriter()
 
     def reply(self) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
@@ -74,8 +79,15 @@ class StreamRelay:
     def _relay(self) -> Iterator[bytes]:
         proxy, out, stats = self.proxy, self.out, self.stats
         failure = None
+        yield b""  # the server sends status and headers now, not with the first unit
+        units = self._units()
+        if self.sse and proxy.sse_heartbeat_secs:
+            units = _with_heartbeats(units, proxy.sse_heartbeat_secs)
         try:
-            for unit in self._units():
+            for unit in units:
+                if unit is HEARTBEAT:
+                    yield unit
+                    continue
                 stats.byte_count += len(unit)
                 stats.chunk_count += 1
                 proxy.on_stream_chunk(unit, out, stats)
@@ -154,6 +166,40 @@ class StreamRelay:
         """Close the upstream connection: it is mid-body and cannot be reused."""
         self.resp.close()
         self.resp.release_conn()
+
+
+def _with_heartbeats(units: Iterator[bytes], interval: float) -> Iterator[bytes]:
+    """``units``, with HEARTBEAT whenever none came for ``interval`` seconds.
+
+    A blocked socket read cannot be given up and resumed, so the reads move
+    to a greenlet of their own and this side waits on a queue with a timeout.
+    """
+    queue: gevent.queue.Queue = gevent.queue.Queue(maxsize=1)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for unit in units:
+                queue.put(unit)
+            queue.put(done)
+        except Exception as exc:
+            queue.put(exc)
+
+    reader = gevent.spawn(pump)
+    try:
+        while True:
+            try:
+                item = queue.get(timeout=interval)
+            except gevent.queue.Empty:
+                yield HEARTBEAT
+                continue
+            if item is done:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        reader.kill(block=False)
 
 
 class _UpstreamFailed(Exception):

@@ -1,3 +1,7 @@
+import json
+import time
+from pathlib import Path
+
 import pytest
 
 from tests.support.gunicorn import Gunicorn
@@ -18,3 +22,49 @@ def gateway(upstream):
                                                 "TEST_CONNECT_TIMEOUT": "1"}).start()
     yield g
     g.stop()
+
+
+class Records:
+    """The JSON lines tests/apps/streams.py writes from on_stream_end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def for_path(self, path: str) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [r for r in map(json.loads, self.path.read_text().splitlines()) if r["path"] == path]
+
+    def wait_one(self, path: str, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.for_path(path)
+            if found:
+                time.sleep(0.05)  # a second record would be a bug: give it the chance to show
+                found = self.for_path(path)
+                assert len(found) == 1, found
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"no on_stream_end record for {path}")
+
+
+@pytest.fixture(scope="module")
+def streams_factory(upstream, tmp_path_factory):
+    started = []
+
+    def start(**env):
+        records = Records(tmp_path_factory.mktemp("records") / "records.jsonl")
+        g = Gunicorn("tests.apps.streams:app", env={"TEST_UPSTREAM": upstream.url,
+                                                    "TEST_RECORDS": str(records.path), **env}).start()
+        g.records = records
+        started.append(g)
+        return g
+    yield start
+    for g in started:
+        g.stop()
+
+
+@pytest.fixture(scope="module")
+def streams(streams_factory):
+    """The streaming test gateway: idle timeout 2 s, events up to 64 KiB."""
+    return streams_factory(TEST_IDLE="2", TEST_MAX_EVENT="65536", TEST_MAX_RESPONSE="1000")

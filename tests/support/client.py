@@ -95,3 +95,70 @@ def read_response_bytes(sock: socket.socket) -> bytes:
 
 def status_of(raw_reply: bytes) -> int:
     return int(raw_reply.split(b" ", 2)[1])
+
+
+class Truncated(Exception):
+    """The connection closed before the terminating chunk."""
+
+
+class StreamClient:
+    """Reads a chunked reply piece by piece, as each chunk arrives."""
+
+    def __init__(self, url: str, path: str = "/", method: str = "GET", headers: dict | None = None,
+                 body: bytes = b"", timeout: float = 10) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if body or method in ("POST", "PUT"):
+            lines.append(f"Content-Length: {len(body)}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        self.buf = b""
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+
+    def _fill(self) -> None:
+        try:
+            part = self.sock.recv(65536)
+        except ConnectionResetError:
+            part = b""
+        if not part:
+            raise Truncated(self.buf[:200])
+        self.buf += part
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def read_head(self) -> int:
+        status_line = self._line()
+        self.status = int(status_line.split()[1])
+        while True:
+            line = self._line()
+            if not line:
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            self.headers.append((name.strip(), value.strip()))
+        return self.status
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def next_chunk(self) -> bytes | None:
+        """The next chunk's data, or None after the terminating chunk."""
+        size = int(self._line().split(b";")[0], 16)
+        while len(self.buf) < size + 2:
+            self._fill()
+        data, self.buf = self.buf[:size], self.buf[size + 2:]
+        return data if size else None
+
+    def read_rest(self) -> list[bytes]:
+        chunks = []
+        while (chunk := self.next_chunk()) is not None:
+            chunks.append(chunk)
+        return chunks
+
+    def close(self) -> None:
+        self.sock.close()
