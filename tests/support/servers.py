@@ -104,6 +104,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default of 5 drops SYNs when hundreds connect at once
+
+
 def echo(handler: Handler, seen: Seen) -> None:
     import json
     handler.reply(200, json.dumps({
@@ -119,8 +124,7 @@ class Upstream:
         self._routes: dict[str, Callable[[Handler, Seen], None]] = {}
         self._seen: list[Seen] = []
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.upstream = self
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -1,0 +1,185 @@
+"""Streams that break: upstream failures, client departures, hook errors."""
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.support.client import StreamClient, Truncated, request
+from tests.support.servers import RawServer, read_request_head
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def unique(prefix="/sf"):
+    return f"{prefix}/{uuid.uuid4().hex}"
+
+
+def raw_upstream(script):
+    return RawServer(lambda conn: (read_request_head(conn), script(conn)))
+
+
+def read_until_cut(g, path, **headers):
+    client = StreamClient(g.url, path, headers=headers)
+    client.read_head()
+    got = []
+    with pytest.raises(Truncated):
+        while True:
+            data = client.next_chunk()
+            assert data is not None, "the reply ended cleanly; it should have been cut"
+            got.append(data)
+    return got
+
+
+def assert_cut(g, path, got, expect_units):
+    record = g.records.wait_one(path)
+    assert record["errored"] and not record["client_disconnected"]
+    assert record["chunk_count"] == expect_units
+    assert got[-1] == b"event: end\ndata: %d\n\n" % expect_units  # on_stream_end wrote, then the cut
+    g.wait_for_log(rf"GET {path}: stream cut after {expect_units} units")
+
+
+def reset(conn):
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_upstream_that_dies_mid_stream_cuts_the_client_reply(streams, how):
+    def script(conn):
+        conn.sendall(HEAD + chunk(b"data: 1\n\n") + chunk(b"data: 2\n\n"))
+        time.sleep(0.2)
+        if how == "reset":
+            reset(conn)
+    server = raw_upstream(script)
+    path = unique()
+    try:
+        got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
+        assert got[:2] == [b"data: 1\n\n", b"data: 2\n\n"]
+        assert_cut(streams, path, got, 2)
+    finally:
+        server.close()
+
+
+def test_malformed_chunk_mid_stream_cuts_the_reply(streams):
+    server = raw_upstream(lambda conn: conn.sendall(HEAD + chunk(b"data: 1\n\n") + b"zz\r\nnot hex\r\n"))
+    path = unique()
+    try:
+        got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
+        assert_cut(streams, path, got, 1)
+    finally:
+        server.close()
+
+
+def test_body_shorter_than_its_content_length_cuts_the_reply(streams):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 500\r\n\r\n"
+    server = raw_upstream(lambda conn: conn.sendall(head + b"data: 1\n\n"))
+    path = unique()
+    try:
+        got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
+        assert_cut(streams, path, got, 1)
+    finally:
+        server.close()
+
+
+def test_silence_longer_than_the_idle_timeout_cuts_the_reply(streams):
+    hold = threading.Event()
+    server = raw_upstream(lambda conn: (conn.sendall(HEAD + chunk(b"data: 1\n\n")), hold.wait(10)))
+    path = unique()
+    try:
+        started = time.monotonic()
+        got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
+        assert 1.5 < time.monotonic() - started < 6  # the idle timeout is 2 s
+        assert_cut(streams, path, got, 1)
+        streams.wait_for_log(rf"GET {path}: stream cut after 1 units: upstream .* went silent")
+    finally:
+        hold.set()
+        server.close()
+
+
+def test_an_event_over_max_event_bytes_cuts_the_reply(streams):
+    def script(conn):
+        conn.sendall(HEAD + chunk(b"data: small\n\n"))
+        for _ in range(20):  # 80 KiB with no blank line, against a 64 KiB limit
+            conn.sendall(chunk(b"data: " + b"x" * 4090 + b"\n"))
+        time.sleep(1)
+    server = raw_upstream(script)
+    path = unique()
+    try:
+        got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
+        assert_cut(streams, path, got, 1)
+        streams.wait_for_log(rf"GET {path}: stream cut after 1 units: incomplete event of \d+ bytes exceeds 65536")
+    finally:
+        server.close()
+
+
+def test_expected_stream_failures_log_one_line_and_no_traceback(streams_factory):
+    g = streams_factory(TEST_IDLE="5")
+    server = raw_upstream(lambda conn: (conn.sendall(HEAD + chunk(b"data: 1\n\n")), reset(conn)))
+    path = unique()
+    try:
+        read_until_cut(g, path, **{"X-Test-Upstream": server.url})
+        g.records.wait_one(path)
+        time.sleep(0.2)
+        assert len([line for line in g.log().splitlines() if path in line and "stream cut" in line]) == 1
+        assert "Traceback" not in g.log()
+    finally:
+        server.close()
+
+
+def test_client_that_goes_away_closes_the_upstream_connection(streams):
+    upstream_gone = threading.Event()
+    sent = []
+
+    def script(conn):
+        conn.sendall(HEAD)
+        try:
+            for i in range(400):  # 20 s of events, unless the proxy hangs up
+                conn.sendall(chunk(b"data: %d\n\n" % i))
+                sent.append(i)
+                time.sleep(0.05)
+        except OSError:
+            upstream_gone.set()
+    server = raw_upstream(script)
+    path = unique()
+    try:
+        client = StreamClient(streams.url, path, headers={"X-Test-Upstream": server.url, "X-Final": "1"})
+        client.read_head()
+        assert client.next_chunk() == b"data: 0\n\n"
+        client.close()
+        assert upstream_gone.wait(10), "the proxy kept the upstream connection open"
+        record = streams.records.wait_one(path)
+        assert record["client_disconnected"] and not record["errored"]
+        assert len(sent) < 100
+    finally:
+        server.close()
+
+
+def test_a_raising_chunk_hook_cuts_the_stream_and_the_worker_serves_on(streams, upstream):
+    path = unique()
+
+    def route(h, s):
+        h.start_chunked(content_type="text/event-stream")
+        for i in range(4):
+            h.chunk(b"data: %d\n\n" % i)
+        h.end_chunked()
+    upstream.route(path, route)
+    got = read_until_cut(streams, path, **{"X-Mode": "raise", "X-Final": "1"})
+    assert got[0] == b"data: 0\n\n"
+    record = streams.records.wait_one(path)
+    assert record["errored"] and record["chunk_count"] == 2
+    streams.wait_for_log("RuntimeError: boom from on_stream_chunk")
+    assert request(streams.url, "GET", unique("/after")).status == 200
+
+
+def test_failure_before_the_head_is_a_json_error_not_a_stream(streams):
+    server = raw_upstream(reset)
+    try:
+        reply = request(streams.url, "GET", "/x", headers={"X-Test-Upstream": server.url, "X-Test-Stream": "1"})
+        assert reply.status == 502 and reply.error_type() == "upstream_unreachable"
+    finally:
+        server.close()
