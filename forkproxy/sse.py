@@ -64,3 +64,20 @@ class EventFramer:
             start = pos = end
         self._scanned = len(buf) - start
         return events, start
+
+
+_LINES = re.compile(rb"\r\n|\r|\n")
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The data of one event: its ``data:`` lines joined with LF.
+
+    ``None`` when the event carries no data (a comment or a bare ``id:``),
+    so a hook can skip keep-alives without parsing them itself.
+    """
+    data = [
+        value[1:] if value.startswith(b" ") else value
+        for field, _, value in (line.partition(b":") for line in _LINES.split(event))
+        if field == b"data"
+    ]
+    return b"\n".join(data) if data else None

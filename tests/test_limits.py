@@ -3,7 +3,7 @@ import socket
 import time
 import uuid
 
-from tests.support.client import raw, request, status_of
+from tests.support.client import raw, read_response_bytes, request, status_of
 from tests.support.gunicorn import Gunicorn, rss_kib
 from tests.support.servers import RawServer, read_request_head
 
@@ -36,7 +36,7 @@ def test_declared_length_over_the_cap_is_refused_before_the_body_is_read(capped,
     with socket.create_connection(("127.0.0.1", capped.port), timeout=5) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n".encode())
         sock.sendall(b"only a little")  # the other 4,999,987 bytes never come
-        data = sock.recv(65536)
+        data = read_response_bytes(sock)
     assert status_of(data) == 413
     body = data.split(b"\r\n\r\n", 1)[1]
     assert b'"type": "payload_too_large"' in body

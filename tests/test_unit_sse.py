@@ -74,3 +74,11 @@ def test_large_event_in_many_small_reads_is_linear_not_quadratic():
         assert framer.feed(b"data: " + b"y" * 44 + b"\n") == []
     (event,) = framer.feed(b"\n")
     assert len(event) == 20000 * 51 + 1
+
+
+def test_event_data_joins_data_lines_and_skips_other_fields():
+    from forkproxy.sse import event_data
+    assert event_data(b"event: x\ndata: a\ndata:b\nid: 3\n\n") == b"a\nb"
+    assert event_data(b"data: {\"k\": 1}\r\n\r\n") == b'{"k": 1}'
+    assert event_data(b": keep-alive\n\n") is None
+    assert event_data(b"data\n\n") == b""

@@ -1,0 +1,128 @@
+"""An LLM gateway in front of OpenAI-compatible APIs.
+
+    LLM_UPSTREAM=https://api.openai.com LLM_UPSTREAM_KEY=sk-... LLM_CLIENT_KEYS=team-a-key,team-b-key \\
+        gunicorn -c gunicorn.conf.py examples.llm_gateway:app
+
+- clients present their own key; an unknown one gets 401 in the proxy's error shape;
+- the real upstream key is swapped in, so clients never hold it;
+- requests are routed by model: LLM_ROUTES="gpt-=https://api.openai.com,llama=http://10.0.0.5:8000"
+  (model-name prefix = upstream; anything else goes to LLM_UPSTREAM);
+- 429/502/503 are retried with backoff before any byte reaches the client;
+- every request writes one JSON line to LLM_USAGE_LOG (default: stderr) with the model,
+  the client, the completion events streamed and the usage block, even when the
+  client hung up mid-stream.
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+
+from forkproxy import Proxy, RetryPolicy
+from forkproxy.sse import event_data
+
+UNAUTHORIZED = {"error": {"message": "invalid or missing API key", "type": "unauthorized"}}
+
+
+def parse_routes(spec: str) -> list[tuple[str, str]]:
+    routes = [tuple(part.split("=", 1)) for part in spec.split(",") if "=" in part]
+    return sorted(routes, key=lambda r: -len(r[0]))  # longest prefix first
+
+
+class LLMGateway(Proxy):
+    upstream_key = ""
+    client_keys: frozenset = frozenset()
+    routes: list = []
+    usage_log = None
+
+    # -- before the upstream --------------------------------------------------
+
+    def before_forward(self, req, res, ureq):
+        key = req.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if key not in self.client_keys:
+            res.status = 401
+            res.headers["Content-Type"] = "application/json"
+            res.body = json.dumps(UNAUTHORIZED)
+            return True
+        req.ivars["client"] = hashlib.sha256(key.encode()).hexdigest()[:12]
+        req.ivars["started"] = time.time()
+        ureq.headers["Authorization"] = f"Bearer {self.upstream_key}"
+        body = req.json()
+        if isinstance(body, dict):
+            req.ivars["model"] = body.get("model", "")
+            if body.get("stream") and "stream_options" not in body:
+                body["stream_options"] = {"include_usage": True}  # ask for the usage chunk
+                ureq.body = json.dumps(body)
+        return False
+
+    def pick_upstream(self, req):
+        model = req.ivars.get("model") or ""
+        return next((url for prefix, url in self.routes if model.startswith(prefix)), self.upstream)
+
+    def stream_request(self, req):
+        body = req.json()
+        return isinstance(body, dict) and body.get("stream") is True
+
+    def retry_policy(self, req):
+        return RetryPolicy(max_attempts=3, base_backoff_ms=250, retry_on_status=(429, 502, 503), jitter=True)
+
+    # -- the stream ------------------------------------------------------------
+
+    def on_stream_chunk(self, chunk, out, stats):
+        out.write(chunk)  # the client first: never hold an event back for bookkeeping
+        data = event_data(chunk)
+        if not data or data == b"[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        if any(choice.get("delta", {}).get("content") for choice in event.get("choices") or ()):
+            stats.meta["completion_events"] = stats.meta.get("completion_events", 0) + 1
+        if event.get("usage"):
+            stats.meta["usage"] = event["usage"]
+
+    def on_stream_end(self, req, out, stats):
+        self.record(req, streamed=True, events=stats.meta.get("completion_events", 0),
+                    usage=stats.meta.get("usage"), errored=stats.errored,
+                    client_disconnected=stats.client_disconnected)
+
+    # -- buffered replies --------------------------------------------------------
+
+    def after_forward(self, req, ures, res):
+        if "client" not in req.ivars:
+            return  # refused before it was ours to bill
+        usage = None
+        if ures.status == 200:
+            try:
+                usage = json.loads(res.body).get("usage")
+            except (ValueError, AttributeError):
+                pass
+        self.record(req, streamed=False, status=res.status, usage=usage,
+                    error=ures.error.type if ures.error else None)
+
+    def record(self, req, **fields):
+        line = {"ts": round(time.time(), 3), "model": req.ivars.get("model"), "client": req.ivars.get("client"),
+                "path": req.path, "retries": req.ivars.get("proxy_retry_count", 0),
+                "seconds": round(time.time() - req.ivars.get("started", time.time()), 3), **fields}
+        text = json.dumps(line) + "\n"
+        if self.usage_log:
+            with open(self.usage_log, "a") as f:  # one write per line: lines from workers never interleave
+                f.write(text)
+        else:
+            sys.stderr.write(text)
+
+
+def from_env(env=os.environ) -> LLMGateway:
+    gateway = LLMGateway(env["LLM_UPSTREAM"], timeout=float(env.get("LLM_TIMEOUT", 120)))
+    gateway.upstream_key = env.get("LLM_UPSTREAM_KEY", "")
+    gateway.client_keys = frozenset(k.strip() for k in env.get("LLM_CLIENT_KEYS", "").split(",") if k.strip())
+    gateway.routes = parse_routes(env.get("LLM_ROUTES", ""))
+    gateway.usage_log = env.get("LLM_USAGE_LOG")
+    return gateway
+
+
+try:
+    app = from_env()
+except KeyError as missing:
+    raise SystemExit(f"examples.llm_gateway: set {missing.args[0]}, e.g. LLM_UPSTREAM=https://api.openai.com")

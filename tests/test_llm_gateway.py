@@ -1,0 +1,110 @@
+"""The LLM-gateway shape end to end: key check, credential swap, routing by model,
+token counting from the SSE stream, one usage record per request."""
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.support.client import StreamClient, request
+from tests.support.gunicorn import Gunicorn
+
+
+def openai_route(upstream, prefix):
+    def route(h, s):
+        body = json.loads(s.body)
+        if not body.get("stream"):
+            return h.reply(200, json.dumps({"model": body["model"], "choices": [{"message": {"content": "hi"}}],
+                                            "usage": {"total_tokens": 7}}).encode(), content_type="application/json")
+        h.start_chunked(content_type="text/event-stream")
+        base = {"model": body["model"], "object": "chat.completion.chunk"}
+        for word in ("a", "b", "c"):
+            h.chunk(b"data: " + json.dumps({**base, "choices": [{"delta": {"content": word}}]}).encode() + b"\n\n")
+            if h.headers.get("X-Slow"):
+                time.sleep(0.2)
+        h.chunk(b"data: " + json.dumps({**base, "choices": [{"delta": {}, "finish_reason": "stop"}]}).encode()
+                + b"\n\n")
+        if body.get("stream_options", {}).get("include_usage"):
+            h.chunk(b"data: " + json.dumps({**base, "choices": [], "usage": {"total_tokens": 42}}).encode() + b"\n\n")
+        h.chunk(b"data: [DONE]\n\n")
+        h.end_chunked()
+    upstream.route(prefix, route)
+
+
+@pytest.fixture(scope="module")
+def llm(upstream, tmp_path_factory):
+    usage_log = tmp_path_factory.mktemp("llm") / "usage.jsonl"
+    openai_route(upstream, "/small/")
+    openai_route(upstream, "/big/")
+    g = Gunicorn("examples.llm_gateway:app", env={
+        "LLM_UPSTREAM": upstream.url + "/small", "LLM_ROUTES": f"big-=http://127.0.0.1:{upstream.port}/big",
+        "LLM_UPSTREAM_KEY": "real-secret", "LLM_CLIENT_KEYS": "client-1,client-2", "LLM_USAGE_LOG": str(usage_log),
+    }).start()
+    g.usage = usage_log
+    yield g
+    g.stop()
+
+
+def records(g, model):
+    if not g.usage.exists():
+        return []
+    return [r for r in map(json.loads, g.usage.read_text().splitlines()) if r["model"] == model]
+
+
+def wait_record(g, model, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = records(g, model)
+        if found:
+            time.sleep(0.05)
+            assert len(records(g, model)) == 1
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no usage record for {model}")
+
+
+def chat(g, model, stream, key="client-1", **headers):
+    body = json.dumps({"model": model, "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
+    return request(g.url, "POST", "/v1/chat/completions", body=body,
+                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers})
+
+
+def test_unknown_client_key_gets_401_in_the_error_shape(llm, upstream):
+    model = f"m-{uuid.uuid4().hex}"
+    reply = chat(llm, model, False, key="stolen")
+    assert reply.status == 401 and reply.error_type() == "unauthorized"
+    assert not [s for s in upstream.seen("/small/") if model.encode() in s.body]
+
+
+def test_streamed_completion_swaps_the_key_counts_events_and_records_usage(llm, upstream):
+    model = f"m-{uuid.uuid4().hex}"
+    reply = chat(llm, model, True)
+    events = [e for e in reply.body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]" and len(events) == 6
+    (seen,) = [s for s in upstream.seen("/small/") if model.encode() in s.body]
+    assert seen.all("Authorization") == ["Bearer real-secret"]
+    assert json.loads(seen.body)["stream_options"] == {"include_usage": True}
+    record = wait_record(llm, model)
+    assert (record["streamed"], record["events"], record["usage"]) == (True, 3, {"total_tokens": 42})
+    assert record["client"] and "client-1" not in json.dumps(record)
+
+
+def test_requests_are_routed_by_model(llm, upstream):
+    model = f"big-{uuid.uuid4().hex}"
+    reply = chat(llm, model, False)
+    assert reply.json()["model"] == model
+    assert [s for s in upstream.seen("/big/v1/chat/completions") if model.encode() in s.body]
+    assert wait_record(llm, model)["usage"] == {"total_tokens": 7}
+
+
+def test_a_stream_is_billed_even_when_the_client_hangs_up(llm):
+    model = f"m-{uuid.uuid4().hex}"
+    body = json.dumps({"model": model, "stream": True, "messages": []}).encode()
+    client = StreamClient(llm.url, "/v1/chat/completions", method="POST", body=body,
+                          headers={"Authorization": "Bearer client-2", "X-Slow": "1"})
+    client.read_head()
+    client.next_chunk()
+    client.close()
+    record = wait_record(llm, model)
+    assert record["client_disconnected"] and record["events"] >= 1
