@@ -5,14 +5,11 @@ child, so a gunicorn master never owns sockets its workers would share.
 """
 from __future__ import annotations
 
-import http.client
 import os
 from http.client import HTTPException, IncompleteRead
 from typing import Any
 
 import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
     MaxRetryError,
@@ -26,6 +23,7 @@ from urllib3.util import SKIP_HEADER
 from .errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .messages import UpstreamRequest
 from .urls import Upstream
+from .wire import POOL_CLASSES
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
@@ -38,11 +36,21 @@ class Transport:
         self.pool_maxsize = pool_maxsize
         self.ca_certs = ca_certs
         self._manager: urllib3.PoolManager | None = None
+        self._pools: dict[Upstream, urllib3.HTTPConnectionPool] = {}
         os.register_at_fork(after_in_child=self.forget)
 
     def forget(self) -> None:
         """Drop pools inherited over fork without touching their sockets."""
         self._manager = None
+        self._pools = {}
+
+    def pool(self, upstream: Upstream) -> urllib3.HTTPConnectionPool:
+        """The pool for an upstream, looked up by the parsed URL (no per-request key building)."""
+        pool = self._pools.get(upstream)
+        if pool is None:
+            pool = self._pools[upstream] = self.manager.connection_from_host(
+                upstream.host, upstream.port, upstream.scheme)
+        return pool
 
     @property
     def manager(self) -> urllib3.PoolManager:
@@ -54,7 +62,7 @@ class Transport:
                 cert_reqs="CERT_REQUIRED",
                 ca_certs=self.ca_certs,
             )
-            self._manager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+            self._manager.pool_classes_by_scheme = POOL_CLASSES
         return self._manager
 
     def send(
@@ -69,9 +77,8 @@ class Transport:
 
         Raises ``ProxyError`` when no usable response head arrived.
         """
-        pool = self.manager.connection_from_host(upstream.host, upstream.port, upstream.scheme)
         try:
-            return pool.urlopen(
+            return self.pool(upstream).urlopen(
                 ureq.method,
                 upstream.join(ureq.path),
                 body=ureq.body or None,
@@ -88,63 +95,6 @@ class Transport:
             raise head_error(exc.reason, upstream) from exc
         except (urllib3.exceptions.HTTPError, HTTPException, OSError) as exc:
             raise head_error(exc, upstream) from exc
-
-
-class _HeadLines:
-    """Reads the response head for http.client, refusing lines it would misread.
-
-    http.client hands the head to the email parser, which splits a line at a
-    bare CR (so ``X: a\rInjected: 1`` becomes two headers) and keeps NULs;
-    urllib3 then unfolds obs-fold continuations. A proxy must not pass any of
-    these on (RFC 9112 section 5.2), so they fail the response here instead.
-    """
-
-    def __init__(self, fp: Any) -> None:
-        self.fp = fp
-        self.fault: str | None = None
-        self._first = True
-
-    def readline(self, limit: int = -1) -> bytes:
-        line = self.fp.readline(limit)
-        body = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
-        if self.fault is None:
-            if b"\r" in body or b"\0" in body:
-                self.fault = "CR or NUL inside a response head line"
-            elif not self._first and body[:1] in (b" ", b"\t"):
-                self.fault = "obs-fold (a folded header line) in the response head"
-        self._first = not body  # the line after a blank one starts a new head (after 1xx)
-        return line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.fp, name)
-
-
-class _CheckedResponse(http.client.HTTPResponse):
-    def begin(self) -> None:
-        reader = self.fp = _HeadLines(self.fp)
-        try:
-            super().begin()
-        finally:
-            if self.fp is reader:
-                self.fp = reader.fp
-        if reader.fault is not None:
-            raise HTTPException(reader.fault)
-
-
-class _Connection(HTTPConnection):
-    response_class = _CheckedResponse
-
-
-class _TLSConnection(HTTPSConnection):
-    response_class = _CheckedResponse
-
-
-class _Pool(HTTPConnectionPool):
-    ConnectionCls = _Connection
-
-
-class _TLSPool(HTTPSConnectionPool):
-    ConnectionCls = _TLSConnection
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
