@@ -16,6 +16,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "trustme"],
+        "bench": ["werkzeug", "proxy.py", "py-spy"],
     },
     license="MIT",
 )

@@ -1,0 +1,57 @@
+"""The WSGI targets the benchmark runs beside forkproxy, under the same gunicorn config.
+
+- ``empty``: answers 100 bytes without any upstream: the ceiling of gunicorn + gevent.
+- ``werkzeug``: werkzeug's ProxyMiddleware, a Python peer.
+- ``naive``: a minimal urllib3 proxy, what one writes in an afternoon.
+"""
+import os
+
+import urllib3
+
+UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:9")
+_BODY = b"x" * 100
+
+
+def empty(environ, start_response):
+    environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+    return [_BODY]
+
+
+def _werkzeug():
+    from werkzeug.middleware.http_proxy import ProxyMiddleware
+
+    def not_found(environ, start_response):
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+    return ProxyMiddleware(not_found, {"b": {"target": UPSTREAM}})  # the bench's paths all start /b/
+
+
+werkzeug = _werkzeug()
+
+_pool = None
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
+        "proxy-authenticate", "host", "content-length"}
+
+
+def naive(environ, start_response):
+    global _pool
+    if _pool is None:
+        _pool = urllib3.PoolManager(maxsize=256)
+    headers = {k[5:].replace("_", "-").title(): v for k, v in environ.items() if k.startswith("HTTP_")}
+    headers = {k: v for k, v in headers.items() if k.lower() not in _HOP}
+    if environ.get("CONTENT_TYPE"):
+        headers["Content-Type"] = environ["CONTENT_TYPE"]
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length) if length else None
+    url = UPSTREAM + environ.get("RAW_URI", environ["PATH_INFO"])
+    resp = _pool.request(environ["REQUEST_METHOD"], url, body=body, headers=headers, redirect=False,
+                         retries=False, preload_content=False, decode_content=False)
+    out = [(k, v) for k, v in resp.headers.items() if k.lower() not in _HOP]
+    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        start_response(f"{resp.status} {resp.reason}", out)
+        return resp.stream(65536)
+    data = resp.read()
+    resp.release_conn()
+    start_response(f"{resp.status} {resp.reason}", out + [("Content-Length", str(len(data)))])
+    return [data]

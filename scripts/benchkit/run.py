@@ -1,0 +1,407 @@
+"""forkproxy beside its peers and its ceilings, on loopback, in one run.
+
+Python targets run with one worker pinned to CPU 0; the load generator and
+the upstreams run on CPU 1. Targets alternate within each repetition and the
+spread (min-max over repetitions) is printed beside each median, because two
+shared cores are noisy. Proxy CPU time per request is the steadiest figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLK = os.sysconf("SC_CLK_TCK")
+PROXY_CPU, LOAD_CPU = "0", "1"
+ALL_TARGETS = ["direct", "nginx", "empty", "forkproxy", "naive", "werkzeug", "proxypy"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def pin(cpu: str) -> list[str]:
+    return ["taskset", "-c", cpu] if shutil.which("taskset") else []
+
+
+def tree(pid: int) -> list[int]:
+    pids, frontier = [pid], [pid]
+    while frontier:
+        out = subprocess.run(["pgrep", "-P", ",".join(map(str, frontier))], capture_output=True, text=True).stdout
+        frontier = [int(p) for p in out.split()]
+        pids += frontier
+    return pids
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total
+
+
+def mem_kib(pids: list[int], field: str = "VmRSS") -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+# -- upstreams and targets ------------------------------------------------------
+
+NGINX_MAIN = """
+worker_processes 1;
+daemon off;
+{user}
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+  keepalive_requests 10000000;
+  {body}
+}}
+"""
+
+
+class Process:
+    """A started process group the bench can measure and stop."""
+
+    name = ""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+
+    def spawn(self, cmd: list[str], cpu: str, env: dict | None = None) -> None:
+        log = open(self.tmp / "out.log", "wb")
+        self.proc = subprocess.Popen(pin(cpu) + cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pids(self) -> list[int]:
+        return tree(self.proc.pid) if self.proc else []
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Nginx(Process):
+    def __init__(self, name: str, body: str, cpu: str) -> None:
+        self.name = name
+        super().__init__()
+        for sub in ("body", "proxy", "fcgi", "uwsgi", "scgi"):
+            (self.tmp / sub).mkdir()
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(NGINX_MAIN.format(prefix=self.tmp, body=body, user=user))
+        self.spawn(["nginx", "-p", str(self.tmp), "-c", str(conf)], cpu)
+
+
+def static_upstream(port: int, html: Path) -> Nginx:
+    (html / "b").mkdir()
+    (html / "b" / "small").write_bytes(b"s" * 100)
+    (html / "b" / "big").write_bytes(b"b" * (1 << 20))
+    body = f"""server {{ listen 127.0.0.1:{port} backlog=8192; root {html};
+      location = /b/post {{ client_max_body_size 10m; client_body_buffer_size 1m; return 200 "ok"; }} }}"""
+    up = Nginx("upstream", body, LOAD_CPU)
+    wait_port(port)
+    return up
+
+
+class Target(Process):
+    """One thing the load is pointed at; ``url`` is where."""
+
+    def __init__(self, name: str, upstream: str) -> None:
+        self.name = name
+        super().__init__()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if name == "direct":
+            self.url = upstream
+            return
+        if name == "nginx":
+            host = upstream.removeprefix("http://")
+            body = f"""upstream up {{ server {host}; keepalive 256; }}
+              server {{ listen 127.0.0.1:{self.port} backlog=8192; client_max_body_size 10m;
+                location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+                  proxy_buffering off; proxy_read_timeout 600s; }} }}"""
+            self.__dict__.update(Nginx("nginx-proxy", body, PROXY_CPU).__dict__)
+        elif name == "proxypy":
+            # --threaded: proxy.py's default threadless mode fails under keep-alive load here
+            self.spawn([sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(self.port),
+                        "--num-workers", "1", "--num-acceptors", "1", "--threaded", "--enable-reverse-proxy",
+                        "--plugins", "scripts.benchkit.proxypy_plugin.BenchReverseProxy", "--log-level", "WARNING",
+                        "--backlog", "8192"],
+                       PROXY_CPU, {"BENCH_UPSTREAM": upstream, "PYTHONPATH": str(ROOT)})
+        else:
+            app = {"forkproxy": "forkproxy.app", "empty": "scripts.benchkit.apps:empty",
+                   "naive": "scripts.benchkit.apps:naive", "werkzeug": "scripts.benchkit.apps:werkzeug"}[name]
+            self.spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "1",
+                        "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", "--access-logfile", "/dev/null",
+                        "--backlog", "8192", "--log-level", "warning", app],
+                       PROXY_CPU, {"FORKPROXY_UPSTREAM": upstream, "BENCH_UPSTREAM": upstream,
+                                   "PYTHONPATH": str(ROOT)})
+        wait_port(self.port)
+        time.sleep(0.5)  # workers boot after the master listens
+
+
+# -- workloads --------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.match(r"([0-9.]+)([a-z]+)", text).groups()
+    return float(number) * _UNITS[unit]
+
+
+def wrk(url: str, conns: int, secs: float, script: Path | None = None) -> dict:
+    cmd = pin(LOAD_CPU) + ["wrk", "-t1", f"-c{conns}", f"-d{max(int(secs), 1)}s", "--latency", "--timeout", "10s"]
+    if script:
+        cmd += ["-s", str(script)]
+    done = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=secs + 60)
+    out = done.stdout
+    if "requests in" not in out:
+        raise RuntimeError(f"wrk failed against {url}: {out} {done.stderr}")
+    result = {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
+              "rps": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1)),
+              "errors": 0}
+    transfer = re.search(r"Transfer/sec:\s+([0-9.]+)([KMG]?B)", out)
+    result["mb_per_s"] = float(transfer.group(1)) * {"B": 1e-6, "KB": 1e-3, "MB": 1, "GB": 1e3}[transfer.group(2)] * 1.048576
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        result[f"p{pct}_ms"] = _ms(m.group(1)) if m else None
+    for m in re.finditer(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout)[: ]+(\d+)", out):
+        result["errors"] += int(m.group(1))
+    return result
+
+
+def http_workloads(target: Target, secs: float, post_script: Path) -> dict:
+    pids = target.pids() if target.name != "direct" else []
+    out = {}
+    for name, path, conns, script in (("small", "/b/small", 50, None), ("big", "/b/big", 10, None),
+                                      ("post", "/b/post", 50, post_script)):
+        wrk(target.url + path, conns, 1, script)  # warm the pools
+        before = cpu_ticks(pids)
+        result = wrk(target.url + path, conns, secs, script)
+        spent = cpu_ticks(pids) - before
+        result["cpu_us_per_req"] = spent / CLK * 1e6 / result["requests"] if pids and result["requests"] else None
+        out[name] = result
+    out["peak_mib"] = mem_kib(pids, "VmHWM") / 1024 if pids else None
+    return out
+
+
+def sse_client(*args: str, timeout: float = 300) -> str:
+    cmd = pin(LOAD_CPU) + [sys.executable, "-m", "scripts.benchkit.sse", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def sse_workloads(target: Target, hold_streams: int) -> dict:
+    out = {}
+    for streams, events, interval in ((1, 50, 20), (500, 10, 500)):
+        res = json.loads(sse_client("latency", target.url, str(streams), str(events), str(interval)))
+        out[f"sse_{streams}"] = res
+    if target.name != "direct" and hold_streams:
+        pids = target.pids()
+        before = mem_kib(pids)
+        cmd = pin(LOAD_CPU) + [sys.executable, "-m", "scripts.benchkit.sse", "hold", target.url,
+                               str(hold_streams), "4"]
+        holder = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        line = holder.stdout.readline().split()
+        opened = int(line[1]) if len(line) == 2 else 0
+        time.sleep(1)
+        after = mem_kib(target.pids())
+        holder.wait(120)
+        out["hold"] = {"streams": opened, "kib_per_stream": (after - before) / opened if opened else None,
+                       "rss_mib": after / 1024}
+    return out
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+def median_spread(values: list[float | None]) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+METRICS = [
+    ("small req/s", lambda r: r["http"]["small"]["rps"]),
+    ("small p50 ms", lambda r: r["http"]["small"]["p50_ms"]),
+    ("small p99 ms", lambda r: r["http"]["small"]["p99_ms"]),
+    ("CPU us/req", lambda r: r["http"]["small"]["cpu_us_per_req"]),
+    ("1 MiB GET MB/s", lambda r: r["http"]["big"]["mb_per_s"]),
+    ("64 KiB POST req/s", lambda r: r["http"]["post"]["rps"]),
+    ("SSE p50 ms @1", lambda r: r["sse"]["sse_1"]["p50_ms"]),
+    ("SSE p50 ms @500", lambda r: r["sse"]["sse_500"]["p50_ms"]),
+    ("KiB/open stream", lambda r: r["sse"].get("hold", {}).get("kib_per_stream")),
+    ("peak MiB", lambda r: r["http"]["peak_mib"]),
+    ("errors", lambda r: sum(w["errors"] for w in (r["http"]["small"], r["http"]["big"], r["http"]["post"]))),
+]
+
+
+def _get(fn, run):
+    try:
+        return fn(run)
+    except (KeyError, TypeError):
+        return None
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    table = {}
+    for target, reps in runs.items():
+        row = {name: median_spread([_get(fn, r) for r in reps]) for name, fn in METRICS}
+        direct = runs.get("direct")
+        for n in ("1", "500"):
+            if direct:
+                added = [(_get(lambda r: r["sse"][f"sse_{n}"]["p50_ms"], r) or 0)
+                         - statistics.median([_get(lambda d: d["sse"][f"sse_{n}"]["p50_ms"], d) or 0 for d in direct])
+                         for r in reps]
+                row[f"SSE added p50 ms @{n}"] = median_spread(added)
+        table[target] = row
+    return table
+
+
+def fmt(cell: dict) -> str:
+    if cell["median"] is None:
+        return "-"
+    m, lo, hi = cell["median"], cell["min"], cell["max"]
+    digits = 0 if abs(m) >= 100 else 2
+    spread = "" if lo == hi else f" ({lo:.{digits}f}-{hi:.{digits}f})"
+    return f"{m:,.{digits}f}{spread}"
+
+
+def print_table(table: dict) -> None:
+    cols = [name for name, _ in METRICS if name not in ("SSE p50 ms @1", "SSE p50 ms @500")]
+    cols[6:6] = ["SSE added p50 ms @1", "SSE added p50 ms @500"]
+    print("| target | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for target, row in table.items():
+        print(f"| {target} | " + " | ".join(fmt(row[c]) if c in row else "-" for c in cols) + " |")
+    fp = table.get("forkproxy")
+    if not fp:
+        return
+    print("\nforkproxy as a ratio of each target (same run, medians):")
+    for target, row in table.items():
+        if target == "forkproxy":
+            continue
+        parts = []
+        for c, better in (("small req/s", "higher"), ("1 MiB GET MB/s", "higher"), ("64 KiB POST req/s", "higher")):
+            a, b = fp[c]["median"], row[c]["median"]
+            if a and b:
+                parts.append(f"{c} x{a / b:.2f}")
+        print(f"  vs {target}: " + ", ".join(parts))
+    empty = table.get("empty", {}).get("CPU us/req", {}).get("median")
+    own = fp["CPU us/req"]["median"]
+    if empty and own:
+        print(f"  forkproxy's own CPU per request (minus the empty app's): {own - empty:.0f} us "
+              f"vs the empty app's {empty:.0f} us (ratio {(own - empty) / empty:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default=",".join(ALL_TARGETS))
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--hold", type=int, default=5000, help="idle SSE streams held per target (0 = skip)")
+    parser.add_argument("--no-sse", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench-results"))
+    args = parser.parse_args()
+    targets = [t for t in args.targets.split(",") if t]
+    if "nginx" in targets and not shutil.which("nginx"):
+        print("note: nginx is not installed; skipping the nginx targets")
+        targets.remove("nginx")
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (Debian package wrk); scripts/bench installs it when run as root")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    post = tmp / "post.lua"
+    post.write_text('wrk.method = "POST"\nwrk.body = string.rep("p", 65536)\n'
+                    'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+    up_port, sse_port = free_port(), free_port()
+    if not shutil.which("nginx"):
+        sys.exit("the static upstream needs nginx (Debian package nginx)")
+    (tmp / "html").mkdir()
+    upstream = static_upstream(up_port, tmp / "html")
+    sse_up = Process()
+    sse_up.spawn([sys.executable, "-m", "scripts.benchkit.sse", "serve", str(sse_port)], LOAD_CPU)
+    wait_port(sse_port)
+    runs: dict[str, list[dict]] = {t: [] for t in targets}
+    try:
+        for rep in range(args.repeat):
+            order = targets if rep % 2 == 0 else targets[::-1]
+            for name in order:
+                print(f"[{rep + 1}/{args.repeat}] {name}: http", flush=True)
+                target = Target(name, f"http://127.0.0.1:{up_port}")
+                try:
+                    result = {"http": http_workloads(target, args.seconds, post)}
+                finally:
+                    target.stop()
+                if not args.no_sse:
+                    print(f"[{rep + 1}/{args.repeat}] {name}: sse", flush=True)
+                    target = Target(name, f"http://127.0.0.1:{sse_port}")
+                    try:
+                        result["sse"] = sse_workloads(target, args.hold)
+                    finally:
+                        target.stop()
+                runs[name].append(result)
+    finally:
+        upstream.stop()
+        sse_up.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    table = summarize(runs)
+    Path(args.out).mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report = {"when": stamp, "args": vars(args), "cpus": os.cpu_count(), "runs": runs, "table": table}
+    path = Path(args.out) / f"bench-{stamp}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print()
+    print_table(table)
+    print(f"\nraw results: {path}")
+
+
+if __name__ == "__main__":
+    main()

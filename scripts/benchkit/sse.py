@@ -1,0 +1,139 @@
+"""SSE load for the benchmark: a timestamping upstream and a client that measures.
+
+    python -m scripts.benchkit.sse serve PORT
+    python -m scripts.benchkit.sse latency URL STREAMS EVENTS INTERVAL_MS   -> JSON on stdout
+    python -m scripts.benchkit.sse hold URL STREAMS SECONDS                 -> "READY n" when all are open
+
+Each event the upstream sends carries its send time; the client subtracts it
+from its receive time, so the same figure measured direct and through a proxy
+gives the latency the proxy adds.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from urllib.parse import parse_qs, urlsplit  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.server import StreamServer  # noqa: E402
+
+_EVENT = re.compile(rb"data: ([0-9.]+)\n\n")
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _event() -> bytes:
+    return _chunk(b"data: %.6f\n\n" % time.time())
+
+
+def handle(conn: socket.socket, addr) -> None:
+    buf = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            target = head.split(b" ", 2)[1].decode()
+            url = urlsplit(target)
+            args = {k: v[0] for k, v in parse_qs(url.query).items()}
+            conn.sendall(_HEAD)
+            if url.path.endswith("/hold"):
+                conn.sendall(_event())
+                while conn.recv(65536):
+                    pass
+                return
+            events, interval = int(args.get("events", 10)), float(args.get("interval", 100)) / 1000
+            for _ in range(events):
+                gevent.sleep(interval)
+                conn.sendall(_event())
+            conn.sendall(b"0\r\n\r\n")
+    except OSError:
+        return
+    finally:
+        conn.close()
+
+
+def serve(port: int) -> None:
+    server = StreamServer(("127.0.0.1", port), handle, backlog=8192)
+    server.serve_forever()
+
+
+def _open(url: str, path: str, timeout: float = 60) -> socket.socket:
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n".encode())
+    return sock
+
+
+def _one_stream(url: str, events: int, interval: float, out: list) -> None:
+    sock = _open(url, f"/b/sse?events={events}&interval={interval}")
+    buf, seen = b"", 0
+    try:
+        while seen < events:
+            data = sock.recv(65536)
+            now = time.time()
+            if not data:
+                break
+            buf += data
+            for match in _EVENT.finditer(buf):
+                out.append((now - float(match.group(1))) * 1000)
+                seen += 1
+            cut = buf.rfind(b"\n\n")
+            if cut >= 0:
+                buf = buf[cut + 2:]
+    finally:
+        sock.close()
+
+
+def latency(url: str, streams: int, events: int, interval: float) -> dict:
+    samples: list[float] = []
+    gevent.joinall([gevent.spawn(_one_stream, url, events, interval, samples) for _ in range(streams)])
+    samples.sort()
+    expected = streams * events
+    return {
+        "events": len(samples), "expected": expected,
+        "p50_ms": statistics.median(samples) if samples else None,
+        "p99_ms": samples[int(len(samples) * 0.99) - 1] if samples else None,
+    }
+
+
+def hold(url: str, streams: int, seconds: float) -> None:
+    socks = []
+
+    def opener():
+        sock = _open(url, "/b/hold", timeout=120)
+        data = b""
+        while b"data: " not in data:
+            part = sock.recv(65536)
+            if not part:
+                raise OSError("closed before the first event")
+            data += part
+        socks.append(sock)
+    jobs = [gevent.spawn(opener) for _ in range(streams)]
+    gevent.joinall(jobs, timeout=120)
+    print(f"READY {len(socks)}", flush=True)
+    gevent.sleep(seconds)
+    for sock in socks:
+        sock.close()
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    if cmd == "serve":
+        serve(int(args[0]))
+    elif cmd == "latency":
+        print(json.dumps(latency(args[0], int(args[1]), int(args[2]), float(args[3]))))
+    elif cmd == "hold":
+        hold(args[0], int(args[1]), float(args[2]))
