@@ -7,6 +7,7 @@ from .errors import (
     BadRequest,
     BadUpstreamResponse,
     HookError,
+    InternalError,
     PayloadTooLarge,
     ProxyError,
     UpgradeNotSupported,
@@ -25,5 +26,5 @@ __all__ = [
     "Proxy", "RetryPolicy", "HOOK_NAMES", "IDEMPOTENT_METHODS", "TrustedProxies", "ConfigError",
     "Request", "Response", "UpstreamRequest", "UpstreamResponse", "StreamStats", "StreamWriter",
     "ProxyError", "BadRequest", "PayloadTooLarge", "UpstreamUnreachable", "UpstreamBodyTooLarge",
-    "BadUpstreamResponse", "UpstreamTimeout", "UpgradeNotSupported", "HookError",
+    "BadUpstreamResponse", "UpstreamTimeout", "UpgradeNotSupported", "HookError", "InternalError",
 ]

@@ -58,3 +58,9 @@ class UpgradeNotSupported(ProxyError):
 
 class HookError(ProxyError):
     status, type = 500, "hook_error"
+
+
+class InternalError(ProxyError):
+    """A bug in forkproxy itself: still answered as JSON, with the traceback logged."""
+
+    status, type = 500, "internal_error"

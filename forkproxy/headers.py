@@ -5,6 +5,7 @@ header names, describe one transport link and must not travel further.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator
 
 from urllib3 import HTTPHeaderDict
@@ -16,8 +17,11 @@ HOP_BY_HOP = frozenset((
 
 # Set by forkproxy itself on the way to the upstream.
 _SET_TOWARDS_UPSTREAM = frozenset(("host", "content-length", "expect"))
+# Set by the server (gunicorn) on every reply: the upstream's would be a second
+# copy of a single-valued header. nginx drops the same two by default.
+_SET_BY_SERVER = frozenset(("date", "server"))
 
-_FORBIDDEN_CHARS = ("\r", "\n", "\0")
+_FORBIDDEN = re.compile(r"[\r\n\0]")
 
 
 def is_hop_by_hop(name: str) -> bool:
@@ -26,7 +30,7 @@ def is_hop_by_hop(name: str) -> bool:
 
 def has_forbidden_chars(text: str) -> bool:
     """CR, LF or NUL in a header would let one header smuggle another."""
-    return any(ch in text for ch in _FORBIDDEN_CHARS)
+    return _FORBIDDEN.search(text) is not None
 
 
 def connection_named(headers: HTTPHeaderDict) -> frozenset[str]:
@@ -88,7 +92,7 @@ def client_response_headers(
     must not be able to steer it. ``Content-Length`` is recomputed from the
     body the client really gets, except where the body is never sent.
     """
-    skip = set(drop)
+    skip = set(_SET_BY_SERVER).union(drop)
     if not keep_content_length:
         skip.add("content-length")
     return [
@@ -100,7 +104,8 @@ def client_response_headers(
 
 def first_forbidden(pairs: Iterable[tuple[str, str]]) -> str | None:
     """The name of the first header whose name or value holds CR, LF or NUL."""
+    search = _FORBIDDEN.search
     for name, value in pairs:
-        if has_forbidden_chars(name) or has_forbidden_chars(value):
+        if search(value) or search(name):
             return name
     return None

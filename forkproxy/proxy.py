@@ -17,7 +17,7 @@ import urllib3
 from . import headers as header_rules
 from .buffered import read_body
 from .config import DEFAULTS, check_settings
-from .errors import BadRequest, BadUpstreamResponse, HookError, PayloadTooLarge, ProxyError, UpgradeNotSupported
+from .errors import BadRequest, HookError, InternalError, PayloadTooLarge, ProxyError, UpgradeNotSupported
 from .inbound import read_body as read_request_body
 from .inbound import request_from_environ
 from .messages import Request, Response, UpstreamRequest, UpstreamResponse, StreamStats, StreamWriter
@@ -101,8 +101,14 @@ class Proxy:
     # -- WSGI --------------------------------------------------------------
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        req, refused = request_from_environ(environ)
-        status, headers, body = self._exchange(req, refused)
+        try:
+            req, refused = request_from_environ(environ)
+            status, headers, body = self._exchange(req, refused)
+        except Exception:
+            log.exception("%s %s: internal error", environ.get("REQUEST_METHOD"), environ.get("RAW_URI"))
+            err = InternalError("internal proxy error; the proxy's log has the details")
+            status, body = err.status, [err.body()]
+            headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body[0])))]
         start_response(status_line(status), headers)
         return body
 
@@ -180,7 +186,7 @@ class Proxy:
             return StreamRelay(self, req, resp, upstream).reply()
         ures.body = read_body(resp, self.max_response_body_bytes, upstream)
         req.environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - started:.6f}"
-        res.status, res.headers, res.body = resp.status, _copy_headers(resp.headers), ures.body
+        res.status, res.headers, res.body = resp.status, resp.headers.copy(), ures.body
         return None
 
     def _upstream_request(self, req: Request) -> UpstreamRequest:
@@ -236,13 +242,6 @@ def _check_upstream_request(ureq: UpstreamRequest) -> None:
     bad = header_rules.first_forbidden(ureq.headers.items())
     if bad is not None:
         raise HookError(f"upstream request header {bad!r} holds CR, LF or NUL")
-
-
-def _copy_headers(headers: urllib3.HTTPHeaderDict) -> urllib3.HTTPHeaderDict:
-    bad = header_rules.first_forbidden(headers.items())
-    if bad is not None:
-        raise BadUpstreamResponse(f"upstream header {bad!r} holds CR, LF or NUL")
-    return urllib3.HTTPHeaderDict(headers)
 
 
 def _may_have_body(method: str, status: int) -> bool:

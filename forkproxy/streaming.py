@@ -17,7 +17,7 @@ import gevent.queue
 import urllib3
 
 from . import headers as header_rules
-from .errors import BadUpstreamResponse, HookError
+from .errors import HookError
 from .messages import Request, StreamStats, StreamWriter
 from .sse import EventFramer, EventTooLarge
 from .upstream import body_error
@@ -65,11 +65,8 @@ class StreamRelay:
 
     def reply(self) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
         drop = ("content-encoding",) if self.decode else ()
+        # No CR, LF or NUL to check for: wire.read_head refused those already.
         pairs = header_rules.client_response_headers(self.resp.headers, keep_content_length=False, drop=drop)
-        bad = header_rules.first_forbidden(pairs)
-        if bad is not None:
-            self._drop_upstream()
-            raise BadUpstreamResponse(f"upstream header {bad!r} holds CR, LF or NUL")
         pairs.append(("X-Accel-Buffering", "no"))
         self._set_idle_timeout()
         return self.resp.status, pairs, self._relay()

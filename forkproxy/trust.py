@@ -22,8 +22,17 @@ class TrustedProxies:
         self._networks: tuple[_Network, ...] = tuple(
             ipaddress.ip_network(e, strict=False) for e in self.entries if e != "*"
         )
+        self._verdicts: dict[str, bool] = {}  # peers are few (the nginx in front): remember each
 
     def __contains__(self, addr: str) -> bool:
+        verdict = self._verdicts.get(addr)
+        if verdict is None:
+            if len(self._verdicts) > 4096:
+                self._verdicts.clear()
+            verdict = self._verdicts[addr] = self._judge(addr)
+        return verdict
+
+    def _judge(self, addr: str) -> bool:
         if self.trust_all:
             return True
         try:

@@ -176,3 +176,10 @@ def test_short_circuit_answers_without_calling_the_upstream(gateway, upstream):
     assert (reply.status, reply.body, reply.header("X-Short")) == (418, b"short-circuited", "yes")
     assert reply.header("X-Seen-Status") == "0"  # after_forward ran, with no upstream response
     assert upstream.seen(path) == []
+
+
+def test_the_client_gets_one_date_and_one_server_header(gateway, upstream):
+    path = unique("/dates")
+    upstream.route(path, lambda h, s: h.reply(200, b"ok"))  # http.server sends its own Date and Server
+    reply = request(gateway.url, "GET", path)
+    assert len(reply.all("Date")) == 1 and len(reply.all("Server")) == 1

@@ -58,3 +58,14 @@ def test_str_bodies_are_encoded_as_utf8():
     res.body = "héllo"
     ureq.body = "wörld"
     assert (res.body, ureq.body) == ("héllo".encode(), "wörld".encode())
+
+
+def test_a_bug_inside_forkproxy_is_still_a_json_500(caplog):
+    import json
+    proxy = Proxy("http://127.0.0.1:1")
+    proxy._exchange = None  # any internal failure
+    seen = {}
+    body = b"".join(proxy({"REQUEST_METHOD": "GET", "RAW_URI": "/x"}, lambda s, h: seen.update(status=s, headers=h)))
+    assert seen["status"] == "500 Internal Server Error"
+    assert json.loads(body)["error"]["type"] == "internal_error"
+    assert "internal error" in caplog.text
