@@ -5,8 +5,13 @@ GUNICORN_CMD_ARGS. Nothing at module level imports forkproxy, gevent or
 urllib3: this file runs in the master, and each gevent worker must patch the
 standard library before those are imported.
 """
+import json
 import multiprocessing
 import os
+import shutil
+import tempfile
+
+from gunicorn.glogging import Logger
 
 bind = os.environ.get("FORKPROXY_BIND", "127.0.0.1:8080")
 
@@ -17,25 +22,98 @@ worker_class = "gevent"
 # Simultaneous client connections per worker. Streams hold theirs for their
 # whole length, so this is far above gunicorn's default of 1000.
 worker_connections = int(os.environ.get("FORKPROXY_WORKER_CONNECTIONS", 10000))
+backlog = 4096
 
 # Idle seconds a client keep-alive connection is kept (nginx in front reuses them).
 keepalive = 75
 # SIGTERM/SIGHUP: in-flight requests and streams get this long to finish.
-graceful_timeout = 30
+graceful_timeout = int(os.environ.get("FORKPROXY_GRACEFUL_TIMEOUT", 30))
 # Liveness of the worker's heartbeat, not of a request: a gevent worker
 # keeps beating while streams of any length are open.
 timeout = 30
 
-# Access log with what the proxy adds: upstream status, upstream seconds, retries.
-accesslog = "-"
+# Peers whose X-Forwarded-Proto/-Host are believed (gunicorn's default:
+# FORWARDED_ALLOW_IPS or 127.0.0.1,::1). forkproxy follows the same setting.
+# Behind nginx on another host, set it to that host's address.
+
+# Access log with what the proxy adds: request ID, upstream status, upstream seconds, retries.
+accesslog = os.environ.get("FORKPROXY_ACCESS_LOG", "-")
 access_log_format = (
     '%(h)s "%(r)s" %(s)s %(B)s %(L)ss '
+    'id=%({forkproxy.request_id}e)s '
     'upstream=%({forkproxy.upstream_status}e)s '
     'upstream_time=%({forkproxy.upstream_time}e)ss '
     'retries=%({forkproxy.retries}e)s'
 )
 errorlog = "-"
 loglevel = os.environ.get("FORKPROXY_LOG_LEVEL", "info")
+
+
+class JsonAccessLogger(Logger):
+    """One JSON object per access-log line (FORKPROXY_ACCESS_LOG_FORMAT=json)."""
+
+    FIELDS = {"remote": "h", "time": "t", "method": "m", "path": "U", "query": "q", "protocol": "H",
+              "status": "s", "bytes": "B", "seconds": "L", "user_agent": "a", "referer": "f",
+              "request_id": "{forkproxy.request_id}e", "upstream": "{forkproxy.upstream}e",
+              "upstream_status": "{forkproxy.upstream_status}e",
+              "upstream_seconds": "{forkproxy.upstream_time}e", "retries": "{forkproxy.retries}e"}
+
+    def access(self, resp, req, environ, request_time):
+        if not (self.cfg.accesslog or self.cfg.logconfig or self.cfg.logconfig_dict or self.cfg.syslog):
+            return
+        atoms = self.atoms(resp, req, environ, request_time)
+        line = {name: atoms.get(atom) for name, atom in self.FIELDS.items()}
+        for name in ("status", "bytes", "retries", "upstream_status"):
+            try:
+                line[name] = int(line[name])
+            except (TypeError, ValueError):
+                line[name] = None
+        for name in ("seconds", "upstream_seconds"):
+            try:
+                line[name] = float(line[name])
+            except (TypeError, ValueError):
+                line[name] = None
+        try:
+            self.access_log.info(json.dumps(line))
+        except Exception:
+            self.exception("Failed to log the access line")
+
+
+if os.environ.get("FORKPROXY_ACCESS_LOG_FORMAT", "").lower() == "json":
+    logger_class = JsonAccessLogger
+
+
+# Prometheus metrics, summed over all workers, on their own address (off unless set).
+METRICS_BIND = os.environ.get("FORKPROXY_METRICS_BIND", "")
+if METRICS_BIND and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Workers inherit this and write their samples here; the master serves the sum.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="forkproxy-metrics-")
+
+
+def when_ready(server):
+    if not METRICS_BIND:
+        return
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    host, _, port = METRICS_BIND.rpartition(":")
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    server.log.info("Metrics at http://%s/metrics", METRICS_BIND)
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges must not count any more."""
+    if METRICS_BIND:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if METRICS_BIND and os.path.basename(directory).startswith("forkproxy-metrics-"):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def post_worker_init(worker):

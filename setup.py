@@ -12,6 +12,7 @@ setup(
         "gevent>=24.10.1",
         "gunicorn[gevent]>=23",
         "packaging",  # gunicorn's gevent worker imports it
+        "prometheus-client>=0.17",
         "urllib3>=2.2,<3",
     ],
     extras_require={

@@ -21,7 +21,8 @@ _SET_TOWARDS_UPSTREAM = frozenset(("host", "content-length", "expect"))
 # copy of a single-valued header. nginx drops the same two by default.
 _SET_BY_SERVER = frozenset(("date", "server"))
 
-_FORBIDDEN = re.compile(r"[\r\n\0]")
+# CR, LF, NUL, or anything latin-1 (the wire's encoding of header bytes) cannot carry.
+_FORBIDDEN = re.compile("[\r\n\0\u0100-\U0010ffff]")
 
 
 def is_hop_by_hop(name: str) -> bool:
@@ -103,7 +104,7 @@ def client_response_headers(
 
 
 def first_forbidden(pairs: Iterable[tuple[str, str]]) -> str | None:
-    """The name of the first header whose name or value holds CR, LF or NUL."""
+    """The first header name whose name or value holds CR, LF, NUL or a non-latin-1 character."""
     search = _FORBIDDEN.search
     for name, value in pairs:
         if search(value) or search(name):

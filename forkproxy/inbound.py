@@ -1,6 +1,8 @@
 """Reading the client's request out of a WSGI environ."""
 from __future__ import annotations
 
+import re
+import uuid
 from urllib.parse import quote
 
 from urllib3 import HTTPHeaderDict
@@ -10,6 +12,19 @@ from .messages import Request
 from .urls import target_path
 
 _READ_SIZE = 64 * 1024
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,200}")
+
+
+def request_id(incoming: str | None) -> str:
+    """The client's (or nginx's) request ID when it is a sane token, else a new one.
+
+    Anything else (too long, spaces, quotes) is replaced rather than passed
+    on, since the ID lands in every log line and upstream request.
+    """
+    if incoming and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
 
 
 def request_target(environ: dict) -> str:
@@ -68,28 +83,39 @@ def declared_length(environ: dict) -> int | None:
     return length
 
 
-def read_body(environ: dict, cap: int) -> bytes:
+def read_body(environ: dict, cap: int, timeout: float = 0) -> bytes:
     """The whole request body, refused early when it is over ``cap`` (0 = no cap).
 
     A declared length over the cap is refused before any body byte is read; a
     chunked upload is read up to cap+1 bytes and no further. A body that ends
-    short of its declared length means the client went away mid-body: such a
-    request must never reach the upstream.
+    short of its declared length means the client went away mid-body, and one
+    that stalls for ``timeout`` seconds is given up on: neither reaches the
+    upstream.
     """
     length = declared_length(environ)
-    stream = environ.get("wsgi.input")
-    if length is not None:
-        if cap and length > cap:
-            raise PayloadTooLarge(cap)
-        body = _read(stream, length) if length else b""
-        if len(body) < length:
-            raise BadRequest(f"request body ended after {len(body)} of {length} bytes")
-        return body
-    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower() or stream is None:
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if length is None and not chunked:
         return b""
+    if length is not None and cap and length > cap:
+        raise PayloadTooLarge(cap)
+    if length == 0:
+        return b""
+    with _read_deadline(environ.get("gunicorn.socket"), timeout):
+        return _read_exactly(environ["wsgi.input"], length, timeout) if length is not None \
+            else _read_chunked(environ["wsgi.input"], cap, timeout)
+
+
+def _read_exactly(stream, length: int, timeout: float) -> bytes:
+    body = _read(stream, length, timeout)
+    if len(body) < length:
+        raise BadRequest(f"request body ended after {len(body)} of {length} bytes")
+    return body
+
+
+def _read_chunked(stream, cap: int, timeout: float) -> bytes:
     parts, size = [], 0
     while True:
-        part = _read(stream, _READ_SIZE)
+        part = _read(stream, _READ_SIZE, timeout)
         if not part:
             return b"".join(parts)
         size += len(part)
@@ -98,8 +124,30 @@ def read_body(environ: dict, cap: int) -> bytes:
         parts.append(part)
 
 
-def _read(stream, size: int) -> bytes:
+class _read_deadline:
+    """Bounds each socket read of the body: a stalled upload must not hold a greenlet forever."""
+
+    def __init__(self, sock, timeout: float) -> None:
+        self.sock = sock if timeout else None
+        self.timeout = timeout
+
+    def __enter__(self) -> None:
+        if self.sock is not None:
+            self.previous = self.sock.gettimeout()
+            self.sock.settimeout(self.timeout)
+
+    def __exit__(self, *exc) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(self.previous)
+            except OSError:
+                pass
+
+
+def _read(stream, size: int, timeout: float) -> bytes:
     try:
         return stream.read(size)
+    except TimeoutError:
+        raise BadRequest(f"request body stalled for {timeout:g} s") from None
     except Exception as exc:  # a socket error, or the server's own (gunicorn's NoMoreData, bad chunk)
         raise BadRequest(f"malformed or incomplete request body: {type(exc).__name__} {exc}") from None

@@ -38,6 +38,7 @@ class Request:
         self.scheme = scheme
         self.environ = environ if environ is not None else {}
         self.ivars: dict[str, Any] = {}
+        self.request_id = ""
 
     def json(self) -> Any:
         """The body parsed as JSON, or ``None`` when it is not JSON."""
@@ -48,6 +49,11 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.raw_path}>"
+
+
+def describe(req: Request) -> str:
+    """How a request is named in log lines: its ID, method and target."""
+    return f"[{req.request_id}] {req.method} {req.raw_path}"
 
 
 class Response:

@@ -19,10 +19,12 @@ from .buffered import read_body
 from .config import DEFAULTS, check_settings
 from .errors import BadRequest, HookError, InternalError, PayloadTooLarge, ProxyError, UpgradeNotSupported
 from .inbound import read_body as read_request_body
-from .inbound import request_from_environ
-from .messages import Request, Response, UpstreamRequest, UpstreamResponse, StreamStats, StreamWriter
+from .inbound import REQUEST_ID_HEADER, request_from_environ, request_id
+from .metrics import metrics
+from .messages import Request, Response, StreamStats, StreamWriter, UpstreamRequest, UpstreamResponse, describe
 from .retry import RetryPolicy
-from .serving import ENV_RETRIES, ENV_UPSTREAM_STATUS, ENV_UPSTREAM_TIME, close_connection_after, default_trusted
+from .serving import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS, ENV_UPSTREAM_TIME,
+                      close_connection_after, default_trusted)
 from .streaming import StreamRelay, is_event_stream
 from .trust import TrustedProxies
 from .upstream import Transport
@@ -105,7 +107,8 @@ class Proxy:
             req, refused = request_from_environ(environ)
             status, headers, body = self._exchange(req, refused)
         except Exception:
-            log.exception("%s %s: internal error", environ.get("REQUEST_METHOD"), environ.get("RAW_URI"))
+            log.exception("[%s] %s %s: internal error", environ.get(ENV_REQUEST_ID, "-"),
+                          environ.get("REQUEST_METHOD"), environ.get("RAW_URI"))
             err = InternalError("internal proxy error; the proxy's log has the details")
             status, body = err.status, [err.body()]
             headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body[0])))]
@@ -129,6 +132,7 @@ class Proxy:
     # -- one request -------------------------------------------------------
 
     def _exchange(self, req: Request, refused: BadRequest | None) -> tuple[int, list, Iterable[bytes]]:
+        req.request_id = req.environ[ENV_REQUEST_ID] = request_id(req.headers.get(REQUEST_ID_HEADER))
         res = Response()
         ures = UpstreamResponse()
         close = False
@@ -150,13 +154,17 @@ class Proxy:
         body: Iterable[bytes] = [res.body]
         if close:
             body = close_connection_after(body, req.environ)
+        counters = metrics()
+        if counters.enabled:
+            counters.answered(req.method, res.status, req.environ.get(ENV_UPSTREAM, "-"),
+                              ures.error.type if ures.error else None)
         return res.status, reply_headers, body
 
     def _fail(self, req: Request, res: Response, ures: UpstreamResponse, err: ProxyError) -> None:
         if isinstance(err, HookError) and err.__cause__ is not None:
-            log.error("%s %s: %s", req.method, req.raw_path, err.message, exc_info=err.__cause__)
+            log.error("%s: %s", describe(req), err.message, exc_info=err.__cause__)
         else:
-            log.warning("%s %s -> %d %s: %s", req.method, req.raw_path, err.status, err.type, err.message)
+            log.warning("%s -> %d %s: %s", describe(req), err.status, err.type, err.message)
         ures.error = err
         error = Response.from_error(err)
         res.status, res.headers, res.body = error.status, error.headers, error.body
@@ -165,12 +173,13 @@ class Proxy:
         """Fill ``res`` and ``ures``; return a streamed reply when there is one."""
         if header_rules.wants_upgrade(req.headers):
             raise UpgradeNotSupported("protocol upgrade (e.g. WebSocket) is not supported by this proxy")
-        req.body = read_request_body(req.environ, self.max_request_body_bytes)
+        req.body = read_request_body(req.environ, self.max_request_body_bytes, self.timeout)
         ureq = self._upstream_request(req)
         if _call(self.before_forward, req, res, ureq):
             return None
         _check_upstream_request(ureq)
         upstream = self._pick_upstream(req)
+        req.environ[ENV_UPSTREAM] = upstream.origin
         policy = _call(self.retry_policy, req)
         retries = policy.to_urllib3()
         stream_wanted = _call(self.stream_request, req)
@@ -178,14 +187,14 @@ class Proxy:
         try:
             resp = self.transport.send(upstream, ureq, retries=retries, timeout=self._timeout())
         finally:
-            _note_upstream(req, retries.count.retries, started)
+            _note_upstream(req, upstream, retries.count.retries, started)
             ures.attempts = retries.count.retries + 1
         ures.status, ures.headers = resp.status, resp.headers
         req.environ[ENV_UPSTREAM_STATUS] = resp.status
         if (stream_wanted or is_event_stream(resp.headers)) and _may_have_body(req.method, resp.status):
             return StreamRelay(self, req, resp, upstream).reply()
         ures.body = read_body(resp, self.max_response_body_bytes, upstream)
-        req.environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - started:.6f}"
+        req.environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - started:.6f}"  # buffered: head and body
         res.status, res.headers, res.body = resp.status, resp.headers.copy(), ures.body
         return None
 
@@ -199,6 +208,7 @@ class Proxy:
             host=host,
             peer_trusted=req.remote_addr in self.trusted(),
         )
+        forwarded[REQUEST_ID_HEADER] = req.request_id
         return UpstreamRequest(req.method, _call(self.rewrite_path, req.raw_path), forwarded, req.body)
 
     def _pick_upstream(self, req: Request) -> Upstream:
@@ -215,12 +225,14 @@ class Proxy:
         """WSGI headers for ``res``; Content-Length is the body's, except
         where no body is sent (HEAD, 204, 304) and the upstream's stands."""
         keep_length = req.method == "HEAD" or res.status in (204, 304)
-        pairs = header_rules.client_response_headers(res.headers, keep_content_length=keep_length)
+        pairs = header_rules.client_response_headers(res.headers, keep_content_length=keep_length,
+                                                     drop=(REQUEST_ID_HEADER.lower(),))
         bad = header_rules.first_forbidden(pairs)
         if bad is not None:
-            raise HookError(f"response header {bad!r} holds CR, LF or NUL")
+            raise HookError(f"response header {bad!r} holds CR, LF, NUL or a non-latin-1 character")
         if not keep_length:
             pairs.append(("Content-Length", str(len(res.body))))
+        pairs.append((REQUEST_ID_HEADER, req.request_id))
         return pairs
 
 
@@ -241,14 +253,18 @@ def _check_upstream_request(ureq: UpstreamRequest) -> None:
         raise HookError(f"upstream path holds CR, LF, NUL or space: {ureq.path!r}")
     bad = header_rules.first_forbidden(ureq.headers.items())
     if bad is not None:
-        raise HookError(f"upstream request header {bad!r} holds CR, LF or NUL")
+        raise HookError(f"upstream request header {bad!r} holds CR, LF, NUL or a non-latin-1 character")
 
 
 def _may_have_body(method: str, status: int) -> bool:
     return method != "HEAD" and status >= 200 and status not in (204, 304)
 
 
-def _note_upstream(req: Request, retries: int, started: float) -> None:
+def _note_upstream(req: Request, upstream: Upstream, retries: int, started: float) -> None:
+    elapsed = time.monotonic() - started
     req.ivars["proxy_retry_count"] = retries
     req.environ[ENV_RETRIES] = retries
-    req.environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - started:.6f}"
+    req.environ[ENV_UPSTREAM_TIME] = f"{elapsed:.6f}"
+    counters = metrics()
+    if counters.enabled:
+        counters.upstream_done(upstream.origin, elapsed, retries)

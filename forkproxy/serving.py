@@ -16,6 +16,8 @@ from .trust import TrustedProxies
 ENV_UPSTREAM_STATUS = "forkproxy.upstream_status"
 ENV_UPSTREAM_TIME = "forkproxy.upstream_time"
 ENV_RETRIES = "forkproxy.retries"
+ENV_REQUEST_ID = "forkproxy.request_id"
+ENV_UPSTREAM = "forkproxy.upstream"
 
 _server_trusted: TrustedProxies | None = None
 

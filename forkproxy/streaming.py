@@ -17,8 +17,9 @@ import gevent.queue
 import urllib3
 
 from . import headers as header_rules
-from .errors import HookError
-from .messages import Request, StreamStats, StreamWriter
+from .inbound import REQUEST_ID_HEADER
+from .messages import Request, StreamStats, StreamWriter, describe
+from .metrics import metrics
 from .sse import EventFramer, EventTooLarge
 from .upstream import body_error
 from .urls import Upstream
@@ -66,8 +67,10 @@ class StreamRelay:
     def reply(self) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
         drop = ("content-encoding",) if self.decode else ()
         # No CR, LF or NUL to check for: wire.read_head refused those already.
-        pairs = header_rules.client_response_headers(self.resp.headers, keep_content_length=False, drop=drop)
+        pairs = header_rules.client_response_headers(self.resp.headers, keep_content_length=False,
+                                                     drop=(*drop, REQUEST_ID_HEADER.lower()))
         pairs.append(("X-Accel-Buffering", "no"))
+        pairs.append((REQUEST_ID_HEADER, self.req.request_id))
         self._set_idle_timeout()
         return self.resp.status, pairs, self._relay()
 
@@ -76,11 +79,14 @@ class StreamRelay:
     def _relay(self) -> Iterator[bytes]:
         proxy, out, stats = self.proxy, self.out, self.stats
         failure = None
-        yield b""  # the server sends status and headers now, not with the first unit
+        counters = metrics()
+        if counters.enabled:
+            counters.active_streams.inc()
         units = self._units()
         if self.sse and proxy.sse_heartbeat_secs:
             units = _with_heartbeats(units, proxy.sse_heartbeat_secs)
         try:
+            yield b""  # the server sends status and headers now, not with the first unit
             for unit in units:
                 if unit is HEARTBEAT:
                     yield unit
@@ -101,12 +107,11 @@ class StreamRelay:
             failure = str(exc)
         except Exception as exc:
             failure = f"hook on_stream_chunk raised {type(exc).__name__}: {exc}"
-            log.error("%s %s: %s", self.req.method, self.req.raw_path, failure, exc_info=True)
+            log.error("%s: %s", describe(self.req), failure, exc_info=True)
         if failure is not None:
             stats.errored = True
             self._drop_upstream()
-            log.warning("%s %s: stream cut after %d units: %s",
-                        self.req.method, self.req.raw_path, stats.chunk_count, failure)
+            log.warning("%s: stream cut after %d units: %s", describe(self.req), stats.chunk_count, failure)
         else:
             self.resp.release_conn()
         self._end()
@@ -117,11 +122,18 @@ class StreamRelay:
             raise StreamAborted(failure)
 
     def _end(self) -> None:
+        stats = self.stats
+        counters = metrics()
+        if counters.enabled:
+            counters.active_streams.dec()
+            counters.stream_ended(stats.chunk_count, stats.byte_count)
+            counters.answered(self.req.method, self.resp.status, self.upstream.origin,
+                              "stream_cut" if stats.errored else None)
         try:
-            self.proxy.on_stream_end(self.req, self.out, self.stats)
+            self.proxy.on_stream_end(self.req, self.out, stats)
         except Exception as exc:
-            err = HookError(f"hook on_stream_end raised {type(exc).__name__}: {exc}")
-            log.error("%s %s: %s", self.req.method, self.req.raw_path, err.message, exc_info=True)
+            log.error("%s: hook on_stream_end raised %s: %s", describe(self.req), type(exc).__name__, exc,
+                      exc_info=True)
 
     def _units(self) -> Iterator[bytes]:
         """Units of the body; raises _UpstreamFailed when the upstream breaks."""

@@ -79,7 +79,7 @@ def test_upgrade_needs_both_connection_upgrade_and_an_upgrade_header():
     assert not wants_upgrade(HTTPHeaderDict({"Connection": "upgrade"}))
 
 
-@pytest.mark.parametrize("pair", [("X", "a\rb"), ("X", "a\nb"), ("X", "a\0b"), ("X\r\nY", "v")])
+@pytest.mark.parametrize("pair", [("X", "a\rb"), ("X", "a\nb"), ("X", "a\0b"), ("X\r\nY", "v"), ("X", "caf\u2026")])
 def test_cr_lf_nul_are_found_in_names_and_values(pair):
     assert first_forbidden([("Ok", "fine"), pair]) == pair[0]
-    assert first_forbidden([("Ok", "fine")]) is None
+    assert first_forbidden([("Ok", "fine"), ("Latin", "caf\xe9")]) is None

@@ -238,12 +238,12 @@ def sse_client(*args: str, timeout: float = 300) -> str:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout).stdout
 
 
-def sse_workloads(target: Target, hold_streams: int) -> dict:
+def sse_workloads(target: Target, hold_streams: int, hold_targets: set[str]) -> dict:
     out = {}
     for streams, events, interval in ((1, 50, 20), (500, 10, 500)):
         res = json.loads(sse_client("latency", target.url, str(streams), str(events), str(interval)))
         out[f"sse_{streams}"] = res
-    if target.name != "direct" and hold_streams:
+    if target.name in hold_targets and hold_streams:
         pids = target.pids()
         before = mem_kib(pids)
         cmd = pin(LOAD_CPU) + [sys.executable, "-m", "scripts.benchkit.sse", "hold", target.url,
@@ -253,7 +253,7 @@ def sse_workloads(target: Target, hold_streams: int) -> dict:
         opened = int(line[1]) if len(line) == 2 else 0
         time.sleep(1)
         after = mem_kib(target.pids())
-        holder.wait(120)
+        holder.wait(180)
         out["hold"] = {"streams": opened, "kib_per_stream": (after - before) / opened if opened else None,
                        "rss_mib": after / 1024}
     return out
@@ -348,6 +348,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--hold", type=int, default=5000, help="idle SSE streams held per target (0 = skip)")
+    parser.add_argument("--hold-targets", default="nginx,forkproxy,naive",
+                        help="targets that hold streams (werkzeug buffers whole streams; proxy.py --threaded "
+                             "spends a thread on each)")
     parser.add_argument("--no-sse", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     args = parser.parse_args()
@@ -380,14 +383,15 @@ def main() -> None:
                     result = {"http": http_workloads(target, args.seconds, post)}
                 finally:
                     target.stop()
-                if not args.no_sse:
+                if not args.no_sse and name != "empty":  # the empty app streams nothing
                     print(f"[{rep + 1}/{args.repeat}] {name}: sse", flush=True)
                     target = Target(name, f"http://127.0.0.1:{sse_port}")
                     try:
-                        result["sse"] = sse_workloads(target, args.hold)
+                        result["sse"] = sse_workloads(target, args.hold, set(args.hold_targets.split(",")))
                     finally:
                         target.stop()
                 runs[name].append(result)
+                (tmp / "partial.json").write_text(json.dumps(runs))
     finally:
         upstream.stop()
         sse_up.stop()

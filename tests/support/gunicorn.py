@@ -18,8 +18,10 @@ CONF = REPO / "gunicorn.conf.py"
 class Gunicorn:
     """One gunicorn master on a pre-bound loopback socket (no port races)."""
 
-    def __init__(self, app: str, env: dict | None = None, args: tuple = (), workers: int = 1) -> None:
+    def __init__(self, app: str, env: dict | None = None, args: tuple = (), workers: int = 1,
+                 unix_path: str | None = None) -> None:
         self.app = app
+        self.unix_path = unix_path
         self.env = env or {}
         self.args = tuple(args)
         self.workers = workers
@@ -32,12 +34,18 @@ class Gunicorn:
         self.listener.listen(2048)
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        fd = self.listener.fileno()
+        fds = [self.listener.fileno()]
+        if self.unix_path:  # gunicorn ignores address binds once it is handed fds: bind this one too
+            self.unix_listener = socket.socket(socket.AF_UNIX)
+            self.unix_listener.bind(self.unix_path)
+            self.unix_listener.listen(2048)
+            fds.append(self.unix_listener.fileno())
         env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
-        cmd = [sys.executable, "-m", "gunicorn", "-c", str(CONF), "--bind", f"fd://{fd}",
+        binds = [arg for fd in fds for arg in ("--bind", f"fd://{fd}")]
+        cmd = [sys.executable, "-m", "gunicorn", "-c", str(CONF), *binds,
                "--no-control-socket", "--workers", str(self.workers), *self.args, self.app]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, pass_fds=[fd], stdout=self._log,
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, pass_fds=fds, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         if wait:
             self.wait_booted()
@@ -88,6 +96,8 @@ class Gunicorn:
         if self.proc is not None:
             self._log.close()
             self.listener.close()
+            if self.unix_path:
+                self.unix_listener.close()
 
 
 def _children(pid: int) -> str:

@@ -1,0 +1,64 @@
+"""Prometheus metrics, correct across gunicorn workers (prometheus_client multiprocess mode).
+
+Off unless PROMETHEUS_MULTIPROC_DIR is set, which gunicorn.conf.py does when
+FORKPROXY_METRICS_BIND asks for a metrics listener; then each worker writes
+its samples to that directory and the master serves their sum. Off, every
+call here is one attribute check.
+"""
+from __future__ import annotations
+
+import os
+
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The proxy's counters; ``enabled`` is False when nothing collects them."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from prometheus_client import Counter, Gauge, Histogram  # imported only in workers that use it
+
+        self.requests = Counter("forkproxy_requests_total", "Requests answered, by method, status and upstream",
+                                ["method", "status", "upstream"])
+        self.upstream_latency = Histogram("forkproxy_upstream_latency_seconds",
+                                          "Seconds until the upstream's response head (retries included)",
+                                          ["upstream"], buckets=_BUCKETS)
+        self.retries = Counter("forkproxy_upstream_retries_total", "Retries made", ["upstream"])
+        self.errors = Counter("forkproxy_proxy_errors_total", "Errors answered by the proxy itself", ["type"])
+        self.active_streams = Gauge("forkproxy_active_streams", "Streams being relayed now",
+                                    multiprocess_mode="livesum")
+        self.stream_units = Counter("forkproxy_stream_units_total", "Stream units relayed")
+        self.stream_bytes = Counter("forkproxy_stream_bytes_total", "Stream bytes read from upstreams")
+
+    @classmethod
+    def from_env(cls) -> "Metrics":
+        return cls(bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
+
+    def answered(self, method: str, status: int, upstream: str, error_type: str | None) -> None:
+        self.requests.labels(method if method in _METHODS else "other", str(status), upstream).inc()
+        if error_type is not None:
+            self.errors.labels(error_type).inc()
+
+    def upstream_done(self, upstream: str, seconds: float, retries: int) -> None:
+        self.upstream_latency.labels(upstream).observe(seconds)
+        if retries:
+            self.retries.labels(upstream).inc(retries)
+
+    def stream_ended(self, units: int, nbytes: int) -> None:
+        self.stream_units.inc(units)
+        self.stream_bytes.inc(nbytes)
+
+
+_metrics: Metrics | None = None
+
+
+def metrics() -> Metrics:
+    """The process's Metrics, made on first use (in the worker, after the fork)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics.from_env()
+    return _metrics

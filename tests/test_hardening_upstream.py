@@ -1,0 +1,110 @@
+"""Upstream faults beyond the basic error table: each gives the contract's answer,
+a log line with the reason, and a worker that keeps serving others meanwhile."""
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.support.client import request
+from tests.support.servers import RawServer, read_request_head
+
+
+def via(server):
+    return {"X-Test-Upstream": server.url}
+
+
+def linger_reset(conn):
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 100000", b"Transfer-Encoding: chunked"])
+def test_reset_mid_body_is_502_and_logged(gateway, framing):
+    def script(conn):
+        read_request_head(conn)
+        body = b"a" * 5000 if b"Content" in framing else b"1388\r\n" + b"a" * 5000 + b"\r\n"
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n" + body)
+        time.sleep(0.1)
+        linger_reset(conn)
+    server = RawServer(script)
+    marker = uuid.uuid4().hex
+    try:
+        reply = request(gateway.url, "GET", f"/midbody/{marker}", headers=via(server))
+        assert reply.status == 502 and reply.error_type() == "bad_upstream_response"
+        gateway.wait_for_log(rf"GET /midbody/{marker} -> 502 bad_upstream_response: upstream .* broke off the body")
+    finally:
+        server.close()
+
+
+def test_a_slow_drip_is_served_while_others_are_served_too(gateway, upstream):
+    def drip(conn):
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        for _ in range(10):
+            time.sleep(0.25)  # 2.5 s in all, each gap well under the 3 s read timeout
+            conn.sendall(b"d")
+    server = RawServer(drip)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(reply=request(gateway.url, "GET", "/drip", headers=via(server))))
+    try:
+        t.start()
+        time.sleep(0.2)
+        for i in range(10):
+            started = time.monotonic()
+            assert request(gateway.url, "GET", f"/beside-drip/{i}").status == 200
+            assert time.monotonic() - started < 0.5
+        t.join(10)
+        assert result["reply"].status == 200 and result["reply"].body == b"d" * 10
+    finally:
+        server.close()
+
+
+def test_a_drip_with_a_gap_longer_than_the_timeout_is_504(gateway):
+    def drip(conn):
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nddd")
+        time.sleep(4)
+    server = RawServer(drip)
+    try:
+        reply = request(gateway.url, "GET", "/gap", headers=via(server))
+        assert reply.status == 504 and reply.error_type() == "upstream_timeout"
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n",
+    b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+])
+def test_ambiguous_or_malformed_upstream_heads_are_502(gateway, head):
+    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(head)))
+    try:
+        reply = request(gateway.url, "GET", "/amb", headers=via(server))
+        assert reply.status == 502 and reply.error_type() == "bad_upstream_response"
+    finally:
+        server.close()
+
+
+def test_transfer_encoding_other_than_chunked_is_read_to_the_close_not_by_length(gateway):
+    body = b"0123456789-and-the-rest"
+    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 10\r\n\r\n" + body)))
+    try:
+        reply = request(gateway.url, "GET", "/te", headers=via(server))
+        assert reply.status == 200 and reply.body == body
+    finally:
+        server.close()
+
+
+def test_upstream_interim_100_continue_is_skipped(gateway):
+    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")))
+    try:
+        reply = request(gateway.url, "POST", "/cont", body=b"x", headers=via(server))
+        assert (reply.status, reply.body) == (201, b"ok")
+    finally:
+        server.close()

@@ -1,0 +1,98 @@
+"""Real signals to the real gunicorn: graceful stop, reload under load, a killed worker."""
+import os
+import signal
+import threading
+import time
+import uuid
+
+from tests.support.client import StreamClient, request
+from tests.support.gunicorn import Gunicorn
+
+
+def slow_routes(upstream, prefix):
+    upstream.route(prefix + "/slow", lambda h, s: (time.sleep(1.5), h.reply(200, b"slow-done")))
+
+    def stream(h, s):
+        h.start_chunked(content_type="text/event-stream")
+        for i in range(8):
+            h.chunk(b"data: %d\n\n" % i)
+            time.sleep(0.25)
+        h.end_chunked()
+    upstream.route(prefix + "/stream", stream)
+
+
+def test_sigterm_lets_in_flight_requests_and_streams_finish(upstream):
+    prefix = f"/term-{uuid.uuid4().hex}"
+    slow_routes(upstream, prefix)
+    g = Gunicorn("forkproxy.app", env={"FORKPROXY_UPSTREAM": upstream.url, "FORKPROXY_GRACEFUL_TIMEOUT": "15"}).start()
+    results = {}
+
+    def buffered():
+        results["buffered"] = request(g.url, "GET", prefix + "/slow").body
+
+    def streamed():
+        client = StreamClient(g.url, prefix + "/stream")
+        client.read_head()
+        results["stream"] = client.read_rest()  # raises if cut: the thread records nothing
+    threads = [threading.Thread(target=buffered), threading.Thread(target=streamed)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        g.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(20)
+        assert results.get("buffered") == b"slow-done"
+        assert results.get("stream") == [b"data: %d\n\n" % i for i in range(8)]
+        assert g.wait_exit(20) == 0
+    finally:
+        g.stop()
+
+
+def test_sighup_reload_under_steady_load_fails_no_request(upstream):
+    g = Gunicorn("forkproxy.app", workers=2, env={"FORKPROXY_UPSTREAM": upstream.url}).start()
+    failures, done = [], []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                reply = request(g.url, "GET", f"/hup/{uuid.uuid4().hex}", timeout=10)
+                (done if reply.status == 200 else failures).append(reply.status)
+            except Exception as exc:
+                failures.append(repr(exc))
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        old = set(g.worker_pids())
+        g.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (set(g.worker_pids()) & old or len(g.worker_pids()) < 2):
+            time.sleep(0.1)
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(15)
+        assert not set(g.worker_pids()) & old, "the old workers are still there"
+        assert failures == [] and len(done) > 50
+    finally:
+        stop.set()
+        g.stop()
+
+
+def test_a_killed_worker_is_replaced_and_serving_resumes(upstream):
+    g = Gunicorn("forkproxy.app", env={"FORKPROXY_UPSTREAM": upstream.url}).start()
+    try:
+        assert request(g.url, "GET", "/before").status == 200
+        (old,) = g.worker_pids()
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and g.worker_pids() in ([], [old]):
+            time.sleep(0.1)
+        (new,) = g.worker_pids()
+        assert new != old
+        assert request(g.url, "GET", "/after").status == 200
+    finally:
+        g.stop()
