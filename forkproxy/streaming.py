@@ -9,8 +9,10 @@ cooperative, so one worker relays thousands of streams.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
-from typing import TYPE_CHECKING, Iterator
+from http.client import HTTPException, IncompleteRead
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import gevent
 import gevent.queue
@@ -82,32 +84,37 @@ class StreamRelay:
         counters = metrics()
         if counters.enabled:
             counters.active_streams.inc()
-        units = self._units()
-        if self.sse and proxy.sse_heartbeat_secs:
-            units = _with_heartbeats(units, proxy.sse_heartbeat_secs)
+        next_units, stop_reading = self._unit_source()
         try:
             yield b""  # the server sends status and headers now, not with the first unit
-            for unit in units:
-                if unit is HEARTBEAT:
-                    yield unit
-                    continue
-                stats.byte_count += len(unit)
-                stats.chunk_count += 1
-                proxy.on_stream_chunk(unit, out, stats)
-                pending = out.take()
-                if pending:
-                    yield b"".join(pending) if len(pending) > 1 else pending[0]
+            while (units := next_units()) is not None:
+                for unit in units:
+                    if unit is HEARTBEAT:
+                        yield unit
+                        continue
+                    stats.byte_count += len(unit)
+                    stats.chunk_count += 1
+                    try:
+                        proxy.on_stream_chunk(unit, out, stats)
+                    except Exception as exc:
+                        raise _HookFailed(f"hook on_stream_chunk raised {type(exc).__name__}: {exc}") from exc
+                    pending = out.take()
+                    if pending:
+                        yield b"".join(pending) if len(pending) > 1 else pending[0]
         except GeneratorExit:  # the server closed us: the client went away
             stats.client_disconnected = True
             out.discarding = True
+            stop_reading()
             self._drop_upstream()
             self._end()
             raise
+        except _HookFailed as exc:
+            failure = str(exc)
+            log.error("%s: %s", describe(self.req), failure, exc_info=exc.__cause__)
         except _UpstreamFailed as exc:
             failure = str(exc)
-        except Exception as exc:
-            failure = f"hook on_stream_chunk raised {type(exc).__name__}: {exc}"
-            log.error("%s: %s", describe(self.req), failure, exc_info=True)
+        finally:
+            stop_reading()
         if failure is not None:
             stats.errored = True
             self._drop_upstream()
@@ -135,32 +142,66 @@ class StreamRelay:
             log.error("%s: hook on_stream_end raised %s: %s", describe(self.req), type(exc).__name__, exc,
                       exc_info=True)
 
-    def _units(self) -> Iterator[bytes]:
-        """Units of the body; raises _UpstreamFailed when the upstream breaks."""
-        try:
-            if self.sse:
-                framer = EventFramer(self.proxy.max_event_bytes)
-                for data in self._reads():
-                    yield from framer.feed(data)
-                yield from framer.finish()
-            elif self.resp.chunked:
-                for chunk in self.resp.read_chunked(_READ_SIZE, decode_content=False):
-                    if chunk:
-                        yield chunk
-            else:
-                yield from self._reads()
-        except EventTooLarge as exc:
-            raise _UpstreamFailed(str(exc)) from exc
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise _UpstreamFailed(body_error(exc, self.upstream).message) from exc
+    # -- reading units ---------------------------------------------------------
+    #
+    # Units come from a plain function called once per read, not from nested
+    # generators: a stream waits in that read most of its life, and each
+    # generator level would be one more C frame kept on the greenlet's stack.
 
-    def _reads(self) -> Iterator[bytes]:
-        read1, decode = self.resp.read1, self.decode
-        while True:
-            data = read1(_READ_SIZE, decode_content=decode)
-            if not data:
-                return
-            yield data
+    def _unit_source(self) -> tuple[Callable[[], list[bytes] | None], Callable[[], None]]:
+        """(next_units, stop): next_units() gives the units of one read, None at the end."""
+        next_units = self._framed_units()
+        if self.sse and self.proxy.sse_heartbeat_secs:
+            return _with_heartbeats(next_units, self.proxy.sse_heartbeat_secs)
+        return next_units, _nothing
+
+    def _framed_units(self) -> Callable[[], list[bytes] | None]:
+        upstream = self.upstream
+        if self.sse:
+            framer, read = EventFramer(self.proxy.max_event_bytes), self._read_function()
+
+            def units() -> list[bytes] | None:
+                data = read()
+                return framer.feed(data) if data else (framer.finish() or None)
+        elif self.resp.chunked:
+            chunks = self.resp.read_chunked(_READ_SIZE, decode_content=False)
+
+            def units() -> list[bytes] | None:
+                chunk = next(chunks, None)
+                return None if chunk is None else [chunk] if chunk else []
+        else:
+            read = self._read_function()
+
+            def units() -> list[bytes] | None:
+                data = read()
+                return [data] if data else None
+
+        def checked() -> list[bytes] | None:
+            try:
+                return units()
+            except EventTooLarge as exc:
+                raise _UpstreamFailed(str(exc)) from exc
+            except (urllib3.exceptions.HTTPError, HTTPException, OSError, ValueError) as exc:
+                raise _UpstreamFailed(body_error(exc, upstream).message) from exc
+        return checked
+
+    def _read_function(self) -> Callable[[], bytes]:
+        """One read of whatever has arrived (at most 64 KiB); b"" at the end.
+
+        Undecoded bodies are read straight from the http.client response under
+        urllib3's, which saves a layer per unit; a compressed event stream
+        goes through urllib3, which decodes it.
+        """
+        if self.decode:
+            return functools.partial(self.resp.read1, _READ_SIZE, decode_content=True)
+        raw = self.resp._fp  # the http.client response urllib3 wraps
+
+        def read() -> bytes:
+            data = raw.read1(_READ_SIZE)
+            if not data and raw.length:  # closed while the Content-Length still owed bytes
+                raise IncompleteRead(b"", raw.length)
+            return data
+        return read
 
     # -- the upstream connection --------------------------------------------
 
@@ -177,38 +218,44 @@ class StreamRelay:
         self.resp.release_conn()
 
 
-def _with_heartbeats(units: Iterator[bytes], interval: float) -> Iterator[bytes]:
-    """``units``, with HEARTBEAT whenever none came for ``interval`` seconds.
+def _with_heartbeats(next_units: Callable[[], list[bytes] | None],
+                     interval: float) -> tuple[Callable[[], list[bytes] | None], Callable[[], None]]:
+    """``next_units`` that gives [HEARTBEAT] whenever no read finished for ``interval`` seconds.
 
     A blocked socket read cannot be given up and resumed, so the reads move
-    to a greenlet of their own and this side waits on a queue with a timeout.
+    to a greenlet of their own and the relay waits on a queue with a timeout.
     """
     queue: gevent.queue.Queue = gevent.queue.Queue(maxsize=1)
-    done = object()
 
     def pump() -> None:
         try:
-            for unit in units:
-                queue.put(unit)
-            queue.put(done)
+            while True:
+                units = next_units()
+                queue.put(units)
+                if units is None:
+                    return
         except Exception as exc:
             queue.put(exc)
 
     reader = gevent.spawn(pump)
-    try:
-        while True:
-            try:
-                item = queue.get(timeout=interval)
-            except gevent.queue.Empty:
-                yield HEARTBEAT
-                continue
-            if item is done:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        reader.kill(block=False)
+
+    def paced() -> list[bytes] | None:
+        try:
+            item = queue.get(timeout=interval)
+        except gevent.queue.Empty:
+            return [HEARTBEAT]
+        if isinstance(item, Exception):
+            raise item
+        return item
+    return paced, lambda: reader.kill(block=False)
+
+
+def _nothing() -> None:
+    pass
+
+
+class _HookFailed(Exception):
+    """on_stream_chunk raised; the message is the reason for the log."""
 
 
 class _UpstreamFailed(Exception):
