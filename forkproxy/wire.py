@@ -18,6 +18,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 MAX_LINE = 65536
+READ_BUFFER = 2048
 MAX_HEADERS = 100
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNSAFE = re.compile(r"[\r\0]")
@@ -51,6 +52,13 @@ def read_head(fp) -> HTTPMessage:
 
 class StrictResponse(http.client.HTTPResponse):
     """http.client's response with ``begin`` reading the head strictly."""
+
+    def __init__(self, sock, debuglevel: int = 0, method: str | None = None, url: str | None = None) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        # A smaller read buffer than io's 8 KiB: an open stream keeps it for its
+        # whole life, while bodies and stream reads larger than it bypass it anyway.
+        self.fp.close()
+        self.fp = sock.makefile("rb", READ_BUFFER)
 
     def begin(self) -> None:
         if self.headers is not None:

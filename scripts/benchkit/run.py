@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.benchkit.nginx import NginxProcess
+
 ROOT = Path(__file__).resolve().parents[2]
 CLK = os.sysconf("SC_CLK_TCK")
 PROXY_CPU, LOAD_CPU = "0", "1"
@@ -82,23 +84,6 @@ def mem_kib(pids: list[int], field: str = "VmRSS") -> int:
 
 # -- upstreams and targets ------------------------------------------------------
 
-NGINX_MAIN = """
-worker_processes 1;
-daemon off;
-{user}
-error_log {prefix}/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 20000; }}
-http {{
-  access_log off;
-  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
-  fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
-  keepalive_requests 10000000;
-  {body}
-}}
-"""
-
-
 class Process:
     """A started process group the bench can measure and stop."""
 
@@ -128,15 +113,17 @@ class Process:
 
 
 class Nginx(Process):
+    """nginx with an http-context ``body``, pinned to ``cpu``."""
+
     def __init__(self, name: str, body: str, cpu: str) -> None:
         self.name = name
         super().__init__()
-        for sub in ("body", "proxy", "fcgi", "uwsgi", "scgi"):
-            (self.tmp / sub).mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = self.tmp / "nginx.conf"
-        conf.write_text(NGINX_MAIN.format(prefix=self.tmp, body=body, user=user))
-        self.spawn(["nginx", "-p", str(self.tmp), "-c", str(conf)], cpu)
+        self.nginx = NginxProcess(body, pin(cpu))
+        self.proc = self.nginx.proc
+
+    def stop(self) -> None:
+        self.nginx.stop()
+        super().stop()
 
 
 def static_upstream(port: int, html: Path) -> Nginx:
@@ -153,6 +140,8 @@ def static_upstream(port: int, html: Path) -> Nginx:
 class Target(Process):
     """One thing the load is pointed at; ``url`` is where."""
 
+    nginx: NginxProcess | None = None
+
     def __init__(self, name: str, upstream: str) -> None:
         self.name = name
         super().__init__()
@@ -167,7 +156,8 @@ class Target(Process):
               server {{ listen 127.0.0.1:{self.port} backlog=8192; client_max_body_size 10m;
                 location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
                   proxy_buffering off; proxy_read_timeout 600s; }} }}"""
-            self.__dict__.update(Nginx("nginx-proxy", body, PROXY_CPU).__dict__)
+            self.nginx = NginxProcess(body, pin(PROXY_CPU))
+            self.proc = self.nginx.proc
         elif name == "proxypy":
             # --threaded: proxy.py's default threadless mode fails under keep-alive load here
             self.spawn([sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(self.port),
@@ -185,6 +175,11 @@ class Target(Process):
                                    "PYTHONPATH": str(ROOT)})
         wait_port(self.port)
         time.sleep(0.5)  # workers boot after the master listens
+
+    def stop(self) -> None:
+        if self.nginx is not None:
+            self.nginx.stop()
+        super().stop()
 
 
 # -- workloads --------------------------------------------------------------------
@@ -297,11 +292,11 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         row = {name: median_spread([_get(fn, r) for r in reps]) for name, fn in METRICS}
         direct = runs.get("direct")
         for n in ("1", "500"):
-            if direct:
-                added = [(_get(lambda r: r["sse"][f"sse_{n}"]["p50_ms"], r) or 0)
-                         - statistics.median([_get(lambda d: d["sse"][f"sse_{n}"]["p50_ms"], d) or 0 for d in direct])
-                         for r in reps]
-                row[f"SSE added p50 ms @{n}"] = median_spread(added)
+            key = lambda r: _get(lambda x: x["sse"][f"sse_{n}"]["p50_ms"], r)  # noqa: E731
+            base = [v for v in map(key, direct or []) if v is not None]
+            if base:
+                row[f"SSE added p50 ms @{n}"] = median_spread(
+                    [v - statistics.median(base) if v is not None else None for v in map(key, reps)])
         table[target] = row
     return table
 
