@@ -96,3 +96,40 @@ def test_a_killed_worker_is_replaced_and_serving_resumes(upstream):
         assert request(g.url, "GET", "/after").status == 200
     finally:
         g.stop()
+
+
+def test_a_worker_killed_under_load_costs_only_its_in_flight_requests(upstream):
+    g = Gunicorn("forkproxy.app", workers=2, env={"FORKPROXY_UPSTREAM": upstream.url}).start()
+    outcomes = []
+    stop = threading.Event()
+    clients = 4
+
+    def load():
+        while not stop.is_set():
+            try:
+                ok = request(g.url, "GET", f"/kill/{uuid.uuid4().hex}", timeout=10).status == 200
+            except Exception:
+                ok = False
+            outcomes.append((time.monotonic(), ok))
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        victim = g.worker_pids()[0]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (victim in g.worker_pids() or len(g.worker_pids()) < 2):
+            time.sleep(0.1)
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(15)
+        failed = [at for at, ok in outcomes if not ok]
+        assert len(failed) <= clients, f"{len(failed)} failures: more than the requests in flight"
+        assert all(at - killed_at < 1 for at in failed), "failures after the kill settled"
+        assert sum(ok for at, ok in outcomes if at > killed_at + 1) > 20  # serving resumed
+    finally:
+        stop.set()
+        g.stop()
