@@ -9,7 +9,6 @@ cooperative, so one worker relays thousands of streams.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 from http.client import HTTPException, IncompleteRead
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -22,6 +21,7 @@ from . import headers as header_rules
 from .inbound import REQUEST_ID_HEADER
 from .messages import Request, StreamStats, StreamWriter, describe
 from .metrics import metrics
+from .chunked import Dechunker
 from .sse import EventFramer, EventTooLarge
 from .upstream import body_error
 from .urls import Upstream
@@ -120,7 +120,7 @@ class StreamRelay:
             self._drop_upstream()
             log.warning("%s: stream cut after %d units: %s", describe(self.req), stats.chunk_count, failure)
         else:
-            self.resp.release_conn()
+            self._finish_upstream()
         self._end()
         pending = out.take()
         if pending:
@@ -156,25 +156,17 @@ class StreamRelay:
         return next_units, _nothing
 
     def _framed_units(self) -> Callable[[], list[bytes] | None]:
-        upstream = self.upstream
+        upstream, pieces = self.upstream, self._body_pieces()
         if self.sse:
-            framer, read = EventFramer(self.proxy.max_event_bytes), self._read_function()
+            framer = EventFramer(self.proxy.max_event_bytes)
 
             def units() -> list[bytes] | None:
-                data = read()
-                return framer.feed(data) if data else (framer.finish() or None)
-        elif self.resp.chunked:
-            chunks = self.resp.read_chunked(_READ_SIZE, decode_content=False)
-
-            def units() -> list[bytes] | None:
-                chunk = next(chunks, None)
-                return None if chunk is None else [chunk] if chunk else []
+                got = pieces()
+                if got is None:
+                    return framer.finish() or None
+                return [event for piece in got for event in framer.feed(piece)]
         else:
-            read = self._read_function()
-
-            def units() -> list[bytes] | None:
-                data = read()
-                return [data] if data else None
+            units = pieces
 
         def checked() -> list[bytes] | None:
             try:
@@ -185,23 +177,53 @@ class StreamRelay:
                 raise _UpstreamFailed(body_error(exc, upstream).message) from exc
         return checked
 
-    def _read_function(self) -> Callable[[], bytes]:
-        """One read of whatever has arrived (at most 64 KiB); b"" at the end.
+    def _body_pieces(self) -> Callable[[], list[bytes] | None]:
+        """A function giving the body bytes of one read (whole chunks for a chunked body), None at the end.
 
-        Undecoded bodies are read straight from the http.client response under
-        urllib3's, which saves a layer per unit; a compressed event stream
-        goes through urllib3, which decodes it.
+        Undecoded bodies are read with one plain buffered-socket read per
+        arrival and unframed here (chunked.Dechunker), not through http.client's
+        per-chunk readline machinery; a compressed event stream goes through
+        urllib3, which decodes it.
         """
         if self.decode:
-            return functools.partial(self.resp.read1, _READ_SIZE, decode_content=True)
-        raw = self.resp._fp  # the http.client response urllib3 wraps
+            decode_read1 = self.resp.read1
 
-        def read() -> bytes:
-            data = raw.read1(_READ_SIZE)
-            if not data and raw.length:  # closed while the Content-Length still owed bytes
-                raise IncompleteRead(b"", raw.length)
-            return data
-        return read
+            def decoded() -> list[bytes] | None:
+                data = decode_read1(_READ_SIZE, decode_content=True)
+                return [data] if data else None
+            return decoded
+        raw = self.resp._fp  # the http.client response under urllib3's: its head is read, its body is ours
+        read1 = raw.fp.read1
+        if raw.chunked:
+            dechunker = Dechunker(_READ_SIZE)
+
+            def chunks() -> list[bytes] | None:
+                if dechunker.done:
+                    return None
+                dechunker.raise_if_broken()  # fail now, not after waiting for bytes that may never come
+                data = read1(_READ_SIZE)
+                if not data:
+                    dechunker.finish()
+                    return None
+                return dechunker.feed(data)
+            return chunks
+        if raw.length is not None:
+            owed = [raw.length]
+
+            def sized() -> list[bytes] | None:
+                if not owed[0]:
+                    return None
+                data = read1(min(_READ_SIZE, owed[0]))
+                if not data:
+                    raise IncompleteRead(b"", owed[0])
+                owed[0] -= len(data)
+                return [data]
+            return sized
+
+        def to_close() -> list[bytes] | None:
+            data = read1(_READ_SIZE)
+            return [data] if data else None
+        return to_close
 
     # -- the upstream connection --------------------------------------------
 
@@ -211,6 +233,17 @@ class StreamRelay:
         sock = getattr(conn, "sock", None)
         if sock is not None:
             sock.settimeout(self.proxy.stream_idle_timeout or None)
+
+    def _finish_upstream(self) -> None:
+        """The body was read to its end: the connection goes back to the pool if it may be reused."""
+        raw = self.resp._fp
+        if self.decode or raw is None:
+            self.resp.release_conn()
+        elif raw.will_close:
+            self._drop_upstream()
+        else:
+            raw.close()  # tells http.client the response is over; the socket stays with the connection
+            self.resp.release_conn()
 
     def _drop_upstream(self) -> None:
         """Close the upstream connection: it is mid-body and cannot be reused."""

@@ -65,17 +65,21 @@ def test_upstream_that_dies_mid_stream_cuts_the_client_reply(streams, how):
         server.close()
 
 
-@pytest.mark.parametrize("sent", [
-    HEAD + chunk(b"data: 1\n\n") + b"zz\r\nnot hex\r\n",  # a chunk size that is not hex
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 500\r\n\r\ndata: 1\n\n",  # short
+@pytest.mark.parametrize("sent, stays", [
+    (HEAD + chunk(b"data: 1\n\n") + b"zz\r\nnot hex\r\n", True),  # a chunk size that is not hex
+    (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 500\r\n\r\ndata: 1\n\n", False),
 ], ids=["malformed_chunk", "short_of_content_length"])
-def test_broken_framing_mid_stream_cuts_the_reply(streams, sent):
-    server = raw_upstream(lambda conn: conn.sendall(sent))
+def test_broken_framing_mid_stream_cuts_the_reply(streams, sent, stays):
+    hold = threading.Event()  # a bad chunk ends the stream at once, though the upstream stays connected
+    server = raw_upstream(lambda conn: (conn.sendall(sent), stays and hold.wait(10)))
     path = unique()
     try:
+        started = time.monotonic()
         got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
         assert_cut(streams, path, got, 1)
+        assert time.monotonic() - started < 1.5  # well before the 2 s idle timeout
     finally:
+        hold.set()
         server.close()
 
 
