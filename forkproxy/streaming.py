@@ -193,7 +193,8 @@ class StreamRelay:
                 return [data] if data else None
             return decoded
         raw = self.resp._fp  # the http.client response under urllib3's: its head is read, its body is ours
-        read1 = raw.fp.read1
+        read1 = _waiting_read(raw.fp) if self.sse else raw.fp.read1
+        size = _READ_SIZE
         if raw.chunked:
             dechunker = Dechunker(_READ_SIZE)
 
@@ -201,7 +202,7 @@ class StreamRelay:
                 if dechunker.done:
                     return None
                 dechunker.raise_if_broken()  # fail now, not after waiting for bytes that may never come
-                data = read1(_READ_SIZE)
+                data = read1(size)
                 if not data:
                     dechunker.finish()
                     return None
@@ -213,7 +214,7 @@ class StreamRelay:
             def sized() -> list[bytes] | None:
                 if not owed[0]:
                     return None
-                data = read1(min(_READ_SIZE, owed[0]))
+                data = read1(min(size, owed[0]))
                 if not data:
                     raise IncompleteRead(b"", owed[0])
                 owed[0] -= len(data)
@@ -221,7 +222,7 @@ class StreamRelay:
             return sized
 
         def to_close() -> list[bytes] | None:
-            data = read1(_READ_SIZE)
+            data = read1(size)
             return [data] if data else None
         return to_close
 
@@ -281,6 +282,21 @@ def _with_heartbeats(next_units: Callable[[], list[bytes] | None],
             raise item
         return item
     return paced, lambda: reader.kill(block=False)
+
+
+def _waiting_read(fp) -> Callable[[int], bytes]:
+    """``fp.read1`` for a stream that mostly waits: no buffer is held while it does.
+
+    ``read1(n)`` allocates its n bytes before the socket read and keeps them
+    for as long as the read blocks; ``peek`` waits in the reader's own small
+    buffer instead, and then exactly what arrived is taken.
+    """
+    peek, read1 = fp.peek, fp.read1
+
+    def read(n: int) -> bytes:
+        ready = peek(1)
+        return read1(min(n, len(ready))) if ready else b""
+    return read
 
 
 def _nothing() -> None:
