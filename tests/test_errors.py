@@ -113,6 +113,11 @@ def test_reset_before_head_is_502_upstream_unreachable(gateway):
     b"SPAM\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",  # ambiguous length
+    b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",  # a space inside a name
+    b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n",
+    b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
 ])
 def test_malformed_head_is_502_bad_upstream_response(gateway, head):
     server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(head)))
