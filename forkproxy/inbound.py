@@ -37,11 +37,23 @@ def request_target(environ: dict) -> str:
     return f"{path}?{query}" if query else path
 
 
+_NAMES: dict[str, str] = {}  # HTTP_X_API_KEY -> X-Api-Key, remembered: the same few names come every time
+
+
+def _header_name(key: str) -> str:
+    name = _NAMES.get(key)
+    if name is None:
+        if len(_NAMES) > 1024:
+            _NAMES.clear()
+        name = _NAMES[key] = key[5:].replace("_", "-").title()
+    return name
+
+
 def headers_from_environ(environ: dict) -> HTTPHeaderDict:
     headers = HTTPHeaderDict()
     for key, value in environ.items():
         if key.startswith("HTTP_"):
-            headers.add(key[5:].replace("_", "-").title(), value)
+            headers.add(_header_name(key), value)
     for key, name in (("CONTENT_TYPE", "Content-Type"), ("CONTENT_LENGTH", "Content-Length")):
         if environ.get(key):
             headers[name] = environ[key]

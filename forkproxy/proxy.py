@@ -219,7 +219,12 @@ class Proxy:
             raise HookError(f"pick_upstream gave an unusable upstream: {exc}") from None
 
     def _timeout(self) -> urllib3.Timeout:
-        return urllib3.Timeout(connect=min(self.connect_timeout, self.timeout), read=self.timeout)
+        """Made once per setting values (urllib3 clones it per request)."""
+        key = (self.connect_timeout, self.timeout)
+        cached = self.__dict__.get("_timeout_cache")
+        if cached is None or cached[0] != key:
+            cached = self._timeout_cache = (key, urllib3.Timeout(connect=min(key), read=self.timeout))
+        return cached[1]
 
     def _client_headers(self, req: Request, res: Response) -> list[tuple[str, str]]:
         """WSGI headers for ``res``; Content-Length is the body's, except

@@ -68,6 +68,8 @@ class RetryPolicy:
         return random.uniform(0, ms) if self.jitter else ms
 
     def to_urllib3(self) -> "PolicyRetry":
+        if self.max_attempts <= 1:
+            return _SINGLE_ATTEMPT  # nothing is ever retried, so one shared object serves every request
         return PolicyRetry(policy=self)
 
     def __repr__(self) -> str:
@@ -135,3 +137,7 @@ class PolicyRetry(Retry):
             return super().get_retry_after(response)
         except Exception:  # an unparseable Retry-After falls back to the backoff
             return None
+
+
+# No retry: increment() raises before it could count anything, so sharing is safe.
+_SINGLE_ATTEMPT = PolicyRetry(policy=RetryPolicy())

@@ -98,8 +98,11 @@ class Transport:
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
-    """``ureq.headers`` plus what the wire needs; nothing urllib3 would invent."""
-    headers = ureq.headers.copy()
+    """``ureq.headers`` plus what the wire needs; nothing urllib3 would invent.
+
+    Filled in place: the hooks that may look at ``ureq`` have all run by now.
+    """
+    headers = ureq.headers
     if ureq.body or ureq.method in _METHODS_WITH_BODY:
         headers["Content-Length"] = str(len(ureq.body))
     for name in ("User-Agent", "Accept-Encoding"):
