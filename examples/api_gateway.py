@@ -87,4 +87,4 @@ def from_env(env=os.environ) -> ApiGateway:
 try:
     app = from_env()
 except KeyError as missing:
-    raise SystemExit(f"examples.api_gateway: set {missing.args[0]}, e.g. API_ROUTES=/users=http://127.0.0.1:7001")
+    raise SystemExit(f"examples.api_gateway: set {missing.args[0]}, e.g. API_ROUTES=/users=http://127.0.0.1:7001") from None

@@ -125,4 +125,4 @@ def from_env(env=os.environ) -> LLMGateway:
 try:
     app = from_env()
 except KeyError as missing:
-    raise SystemExit(f"examples.llm_gateway: set {missing.args[0]}, e.g. LLM_UPSTREAM=https://api.openai.com")
+    raise SystemExit(f"examples.llm_gateway: set {missing.args[0]}, e.g. LLM_UPSTREAM=https://api.openai.com") from None

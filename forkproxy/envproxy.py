@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from .config import ConfigError, retry_from_env, settings_from_env
+from .config import retry_from_env, settings_from_env
 from .messages import Request
 from .proxy import Proxy
 from .retry import IDEMPOTENT_METHODS, RetryPolicy

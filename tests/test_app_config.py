@@ -7,7 +7,6 @@ from forkproxy.envproxy import from_env
 from forkproxy.config import ConfigError
 from tests.support.client import request
 from tests.support.gunicorn import Gunicorn
-from tests.support.servers import free_port
 
 
 def test_settings_come_from_the_environment(tmp_path):

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from tests.support.client import raw, request, status_of
+from tests.support.client import request
 from tests.support.servers import RawServer, free_port, read_request_head
 
 

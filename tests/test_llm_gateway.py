@@ -1,7 +1,6 @@
 """The LLM-gateway shape end to end: key check, credential swap, routing by model,
 token counting from the SSE stream, one usage record per request."""
 import json
-import threading
 import time
 import uuid
 

@@ -1,9 +1,6 @@
 """forkproxy behind a real nginx running the shipped site config."""
-import json
-import socket
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 

@@ -5,7 +5,6 @@ import time
 import urllib.request
 import uuid
 
-import pytest
 
 from tests.support.client import StreamClient, request
 from tests.support.gunicorn import Gunicorn

@@ -3,7 +3,6 @@ import threading
 import time
 import uuid
 
-import pytest
 
 from tests.support.client import StreamClient
 from tests.support.gunicorn import open_fds, rss_kib

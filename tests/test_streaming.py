@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from tests.support.client import StreamClient, Truncated, request
+from tests.support.client import StreamClient, request
 
 SSE = "text/event-stream"
 
