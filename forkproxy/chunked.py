@@ -11,6 +11,7 @@ import re
 
 MAX_LINE = 4096  # a chunk-size line or a trailer line
 _SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_PLAIN_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
 _SIZE_LINE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
 
@@ -44,6 +45,9 @@ class Dechunker:
     def feed(self, data: bytes) -> list[bytes]:
         """Complete chunks; chunks before a break in the coding come out first, the error next time."""
         self.raise_if_broken()
+        single = self._single_chunk(data)
+        if single is not None:
+            return [single]
         out: list[bytes] = []
         try:
             self._feed(data, out)
@@ -52,6 +56,18 @@ class Dechunker:
                 raise
             self._broken = err
         return out
+
+    def _single_chunk(self, data: bytes) -> bytes | None:
+        """The common case of a stream, taken whole: a read holding exactly one chunk."""
+        if self._buf or self._state != _SIZE_LINE:
+            return None
+        match = _PLAIN_SIZE.match(data)
+        if match is None:
+            return None
+        size, start = int(match.group(1), 16), match.end()
+        if not 0 < size <= self.piece or len(data) != start + size + 2 or not data.endswith(b"\r\n"):
+            return None
+        return data[start:start + size]
 
     def _feed(self, data: bytes, out: list[bytes]) -> None:
         buf = self._buf + data if self._buf else data

@@ -30,6 +30,8 @@ class EventFramer:
         self._scanned = 0  # bytes of _buf known to hold no event end
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not self._buf and len(data) > 1 and data.find(b"\n\n") == len(data) - 2 and b"\r" not in data:
+            return [data]  # the common case, taken whole: one LF-ended event in one read
         buf = self._buf + data if self._buf else data
         events, start = self._split(buf, at_eof=False)
         self._buf = buf[start:]

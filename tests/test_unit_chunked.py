@@ -62,3 +62,10 @@ def test_chunks_before_a_break_come_out_before_the_error():
     assert d.feed(b"3\r\nabc\r\nzz\r\n") == [b"abc"]
     with pytest.raises(ChunkError):
         d.feed(b"")
+
+
+def test_a_read_holding_exactly_one_chunk_is_taken_whole_and_then_the_end():
+    d = Dechunker(piece=10)
+    assert d.feed(b"5\r\nhello\r\n") == [b"hello"]
+    assert d.feed(b"b\r\nhello world\r\n") == [b"hello worl", b"d"]  # over the piece size: the full path
+    assert d.feed(b"0\r\n\r\n") == [] and d.done

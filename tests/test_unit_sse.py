@@ -82,3 +82,12 @@ def test_event_data_joins_data_lines_and_skips_other_fields():
     assert event_data(b"data: {\"k\": 1}\r\n\r\n") == b'{"k": 1}'
     assert event_data(b": keep-alive\n\n") is None
     assert event_data(b"data\n\n") == b""
+
+
+def test_one_whole_event_per_read_keeps_its_bytes_and_the_state_clean():
+    framer = EventFramer()
+    for event in (b"data: 1\n\n", b"\n\n", b"data: x\ndata: y\n\n"):
+        assert framer.feed(event) == [event]
+    assert framer.feed(b"data: a\r\n\r\n") == [b"data: a\r\n\r\n"]  # CR line ends take the full path
+    assert framer.feed(b"data: b\n") == [] and framer.feed(b"\n") == [b"data: b\n\n"]
+    assert framer.finish() == []
