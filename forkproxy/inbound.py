@@ -95,7 +95,7 @@ def declared_length(environ: dict) -> int | None:
     return length
 
 
-def read_body(environ: dict, cap: int, timeout: float = 0) -> bytes:
+def read_request_body(environ: dict, cap: int, timeout: float = 0) -> bytes:
     """The whole request body, refused early when it is over ``cap`` (0 = no cap).
 
     A declared length over the cap is refused before any body byte is read; a

@@ -18,8 +18,7 @@ from . import headers as header_rules
 from .buffered import read_body
 from .config import DEFAULTS, check_settings
 from .errors import BadRequest, HookError, InternalError, PayloadTooLarge, ProxyError, UpgradeNotSupported
-from .inbound import read_body as read_request_body
-from .inbound import REQUEST_ID_HEADER, request_from_environ, request_id
+from .inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
 from .metrics import metrics
 from .messages import Request, Response, StreamStats, StreamWriter, UpstreamRequest, UpstreamResponse, describe
 from .retry import RetryPolicy

@@ -30,40 +30,35 @@ _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
 
 
 class Transport:
-    """The connection pools of one process, shared by all its requests."""
+    """The connection pools of one process, one per upstream origin, shared by all its requests.
+
+    The pools are kept here rather than in a urllib3 PoolManager: its LRU of
+    pools would close one in use once a pick_upstream hook routed to more
+    origins than it holds, and a plain dict lookup is cheaper per request.
+    """
+
+    MAX_POOLS = 1024
 
     def __init__(self, *, pool_maxsize: int, ca_certs: str | None) -> None:
         self.pool_maxsize = pool_maxsize
         self.ca_certs = ca_certs
-        self._manager: urllib3.PoolManager | None = None
-        self._pools: dict[Upstream, urllib3.HTTPConnectionPool] = {}
+        self._pools: dict[tuple[str, str, int], urllib3.HTTPConnectionPool] = {}
         os.register_at_fork(after_in_child=self.forget)
 
     def forget(self) -> None:
         """Drop pools inherited over fork without touching their sockets."""
-        self._manager = None
         self._pools = {}
 
     def pool(self, upstream: Upstream) -> urllib3.HTTPConnectionPool:
-        """The pool for an upstream, looked up by the parsed URL (no per-request key building)."""
-        pool = self._pools.get(upstream)
+        key = (upstream.scheme, upstream.host, upstream.port)
+        pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[upstream] = self.manager.connection_from_host(
-                upstream.host, upstream.port, upstream.scheme)
+            if len(self._pools) >= self.MAX_POOLS:  # a runaway hook: drop the oldest origin's idle connections
+                self._pools.pop(next(iter(self._pools))).close()
+            tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": self.ca_certs} if upstream.scheme == "https" else {}
+            pool = self._pools[key] = POOL_CLASSES[upstream.scheme](
+                upstream.host, upstream.port, maxsize=self.pool_maxsize, block=False, **tls)
         return pool
-
-    @property
-    def manager(self) -> urllib3.PoolManager:
-        if self._manager is None:
-            self._manager = urllib3.PoolManager(
-                num_pools=64,
-                maxsize=self.pool_maxsize,
-                block=False,
-                cert_reqs="CERT_REQUIRED",
-                ca_certs=self.ca_certs,
-            )
-            self._manager.pool_classes_by_scheme = POOL_CLASSES
-        return self._manager
 
     def send(
         self,

@@ -69,3 +69,13 @@ def test_a_bug_inside_forkproxy_is_still_a_json_500(caplog):
     assert seen["status"] == "500 Internal Server Error"
     assert json.loads(body)["error"]["type"] == "internal_error"
     assert "internal error" in caplog.text
+
+
+def test_pools_for_many_upstream_origins_all_stay_open():
+    from forkproxy.upstream import Transport
+    from forkproxy.urls import parse_upstream
+    transport = Transport(pool_maxsize=4, ca_certs=None)
+    pools = [transport.pool(parse_upstream(f"http://127.0.0.1:{10000 + i}")) for i in range(100)]
+    assert all(pool.pool is not None for pool in pools)  # none closed behind a request's back
+    assert transport.pool(parse_upstream("http://127.0.0.1:10000/other-prefix")) is pools[0]
+    assert transport.pool(parse_upstream("https://127.0.0.1:10000")) is not pools[0]
