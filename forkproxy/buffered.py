@@ -1,16 +1,15 @@
 """The buffered path: read a whole upstream body, never more than the cap."""
 from __future__ import annotations
 
-import urllib3
-
 from .errors import ProxyError, UpstreamBodyTooLarge
+from .reply import UpstreamReply
 from .upstream import body_error
 from .urls import Upstream
 
 _READ_SIZE = 64 * 1024
 
 
-def read_body(resp: urllib3.BaseHTTPResponse, cap: int, upstream: Upstream) -> bytes:
+def read_body(reply: UpstreamReply, cap: int, upstream: Upstream) -> bytes:
     """The body as sent (still encoded), or a ProxyError.
 
     The cap is checked against a declared length before reading and against
@@ -18,28 +17,28 @@ def read_body(resp: urllib3.BaseHTTPResponse, cap: int, upstream: Upstream) -> b
     The connection goes back to the pool only after a complete, clean read.
     """
     try:
-        body = _read_capped(resp, cap)
+        return _read_capped(reply, cap)
     except ProxyError:
-        resp.close()
+        reply.close()
         raise
     except Exception as exc:
-        resp.close()
+        reply.close()
         raise body_error(exc, upstream) from exc
     finally:
-        resp.release_conn()
-    return body
+        reply.release()
 
 
-def _read_capped(resp: urllib3.BaseHTTPResponse, cap: int) -> bytes:
-    declared = resp.length_remaining
-    if declared is not None and not resp.chunked:
+def _read_capped(reply: UpstreamReply, cap: int) -> bytes:
+    declared = reply.framing.length
+    if declared is not None:
         if cap and declared > cap:
             raise UpstreamBodyTooLarge(cap)
-        return resp.read()
-    parts, size = [], 0
-    for part in resp.stream(_READ_SIZE):
-        size += len(part)
-        if cap and size > cap:
-            raise UpstreamBodyTooLarge(cap)
-        parts.append(part)
+        return reply.read_sized()
+    pieces, parts, size = reply.pieces(_READ_SIZE), [], 0
+    while (got := pieces()) is not None:
+        for part in got:
+            size += len(part)
+            if cap and size > cap:
+                raise UpstreamBodyTooLarge(cap)
+            parts.append(part)
     return b"".join(parts)

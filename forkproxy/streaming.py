@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import logging
-from http.client import HTTPException, IncompleteRead
+from http.client import HTTPException
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import gevent
 import gevent.queue
 import urllib3
+from urllib3.exceptions import DecodeError
+from urllib3.response import BaseHTTPResponse, MultiDecoder
 
 from . import headers as header_rules
 from .inbound import REQUEST_ID_HEADER
@@ -23,6 +25,7 @@ from .messages import Request, StreamStats, StreamWriter, describe
 from .metrics import metrics
 from .chunked import Dechunker
 from .sse import EventFramer, EventTooLarge
+from .reply import UpstreamReply
 from .upstream import body_error
 from .urls import Upstream
 
@@ -41,6 +44,15 @@ def is_event_stream(headers: urllib3.HTTPHeaderDict) -> bool:
     return headers.get("content-type", "").lower().startswith("text/event-stream")
 
 
+def content_decoder(headers: urllib3.HTTPHeaderDict) -> MultiDecoder | None:
+    """A decoder for the body's Content-Encoding; None when there is none, or one urllib3 cannot undo."""
+    codings = [c.strip().lower() for c in headers.get("content-encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings or not all(c in BaseHTTPResponse.CONTENT_DECODERS for c in codings):
+        return None
+    return MultiDecoder(",".join(codings))
+
+
 class StreamAborted(ConnectionResetError):
     """Ends a reply without its terminating chunk, so the client sees it cut.
 
@@ -55,19 +67,19 @@ class StreamAborted(ConnectionResetError):
 class StreamRelay:
     """One streamed response: the upstream body, the hooks, the client."""
 
-    def __init__(self, proxy: "Proxy", req: Request, resp: urllib3.BaseHTTPResponse, upstream: Upstream) -> None:
+    def __init__(self, proxy: "Proxy", req: Request, resp: UpstreamReply, upstream: Upstream) -> None:
         self.proxy = proxy
         self.req = req
         self.resp = resp
         self.upstream = upstream
         self.sse = is_event_stream(resp.headers)
         # An event stream is framed (and seen by hooks) decoded; other bodies pass as sent.
-        self.decode = self.sse and "content-encoding" in resp.headers
+        self.decoder = content_decoder(resp.headers) if self.sse else None
         self.stats = StreamStats(req)
         self.out = StreamWriter()
 
     def reply(self) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
-        drop = ("content-encoding",) if self.decode else ()
+        drop = ("content-encoding",) if self.decoder else ()
         # No CR, LF or NUL to check for: wire.read_head refused those already.
         pairs = header_rules.client_response_headers(self.resp.headers, keep_content_length=False,
                                                      drop=(*drop, REQUEST_ID_HEADER.lower()))
@@ -105,7 +117,7 @@ class StreamRelay:
             stats.client_disconnected = True
             out.discarding = True
             stop_reading()
-            self._drop_upstream()
+            self.resp.close()
             self._end()
             raise
         except _HookFailed as exc:
@@ -117,10 +129,10 @@ class StreamRelay:
             stop_reading()
         if failure is not None:
             stats.errored = True
-            self._drop_upstream()
+            self.resp.close()
             log.warning("%s: stream cut after %d units: %s", describe(self.req), stats.chunk_count, failure)
         else:
-            self._finish_upstream()
+            self.resp.release()
         self._end()
         pending = out.take()
         if pending:
@@ -180,76 +192,29 @@ class StreamRelay:
     def _body_pieces(self) -> Callable[[], list[bytes] | None]:
         """A function giving the body bytes of one read (whole chunks for a chunked body), None at the end.
 
-        Undecoded bodies are read with one plain buffered-socket read per
-        arrival and unframed here (chunked.Dechunker), not through http.client's
-        per-chunk readline machinery; a compressed event stream goes through
-        urllib3, which decodes it.
+        A compressed event stream is decoded here, piece by piece, so the
+        framer and the hooks see its events.
         """
-        if self.decode:
-            decode_read1 = self.resp.read1
+        pieces, decoder = self.resp.pieces(_READ_SIZE, waiting=self.sse), self.decoder
+        if decoder is None:
+            return pieces
 
-            def decoded() -> list[bytes] | None:
-                data = decode_read1(_READ_SIZE, decode_content=True)
-                return [data] if data else None
-            return decoded
-        raw = self.resp._fp  # the http.client response under urllib3's: its head is read, its body is ours
-        read1 = _waiting_read(raw.fp) if self.sse else raw.fp.read1
-        size = _READ_SIZE
-        if raw.chunked:
-            dechunker = Dechunker(_READ_SIZE)
-
-            def chunks() -> list[bytes] | None:
-                if dechunker.done:
-                    return None
-                dechunker.raise_if_broken()  # fail now, not after waiting for bytes that may never come
-                data = read1(size)
-                if not data:
-                    dechunker.finish()
-                    return None
-                return dechunker.feed(data)
-            return chunks
-        if raw.length is not None:
-            owed = [raw.length]
-
-            def sized() -> list[bytes] | None:
-                if not owed[0]:
-                    return None
-                data = read1(min(size, owed[0]))
-                if not data:
-                    raise IncompleteRead(b"", owed[0])
-                owed[0] -= len(data)
-                return [data]
-            return sized
-
-        def to_close() -> list[bytes] | None:
-            data = read1(size)
-            return [data] if data else None
-        return to_close
+        def decoded() -> list[bytes] | None:
+            got = pieces()
+            try:
+                if got is None:
+                    rest = decoder.flush()
+                    return [rest] if rest else None
+                return [data for data in map(decoder.decompress, got) if data]
+            except Exception as exc:  # zlib.error, brotli.error, ...: the body is not what it claims
+                raise DecodeError(f"undecodable {self.resp.headers['content-encoding']} body: {exc}") from exc
+        return decoded
 
     # -- the upstream connection --------------------------------------------
 
     def _set_idle_timeout(self) -> None:
         """From here on a read may wait ``stream_idle_timeout``, not ``timeout``."""
-        conn = self.resp.connection
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            sock.settimeout(self.proxy.stream_idle_timeout or None)
-
-    def _finish_upstream(self) -> None:
-        """The body was read to its end: the connection goes back to the pool if it may be reused."""
-        raw = self.resp._fp
-        if self.decode or raw is None:
-            self.resp.release_conn()
-        elif raw.will_close:
-            self._drop_upstream()
-        else:
-            raw.close()  # tells http.client the response is over; the socket stays with the connection
-            self.resp.release_conn()
-
-    def _drop_upstream(self) -> None:
-        """Close the upstream connection: it is mid-body and cannot be reused."""
-        self.resp.close()
-        self.resp.release_conn()
+        self.resp.set_read_timeout(self.proxy.stream_idle_timeout or None)
 
 
 def _with_heartbeats(next_units: Callable[[], list[bytes] | None],
@@ -282,21 +247,6 @@ def _with_heartbeats(next_units: Callable[[], list[bytes] | None],
             raise item
         return item
     return paced, lambda: reader.kill(block=False)
-
-
-def _waiting_read(fp) -> Callable[[int], bytes]:
-    """``fp.read1`` for a stream that mostly waits: no buffer is held while it does.
-
-    ``read1(n)`` allocates its n bytes before the socket read and keeps them
-    for as long as the read blocks; ``peek`` waits in the reader's own small
-    buffer instead, and then exactly what arrived is taken.
-    """
-    peek, read1 = fp.peek, fp.read1
-
-    def read(n: int) -> bytes:
-        ready = peek(1)
-        return read1(min(n, len(ready))) if ready else b""
-    return read
 
 
 def _nothing() -> None:

@@ -18,12 +18,12 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
-from urllib3.util import SKIP_HEADER
 
 from .errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .messages import UpstreamRequest
 from .urls import Upstream
-from .wire import POOL_CLASSES
+from .pools import POOL_CLASSES
+from .reply import UpstreamReply
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
@@ -67,7 +67,7 @@ class Transport:
         *,
         retries: urllib3.Retry,
         timeout: urllib3.Timeout,
-    ) -> urllib3.BaseHTTPResponse:
+    ) -> UpstreamReply:
         """Send ``ureq`` and return the response with its body still unread.
 
         Raises ``ProxyError`` when no usable response head arrived.
@@ -82,8 +82,6 @@ class Transport:
                 redirect=False,
                 assert_same_host=False,
                 timeout=timeout,
-                preload_content=False,
-                decode_content=False,
                 release_conn=False,
             )
         except MaxRetryError as exc:
@@ -93,16 +91,13 @@ class Transport:
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
-    """``ureq.headers`` plus what the wire needs; nothing urllib3 would invent.
+    """``ureq.headers`` plus the Content-Length of the body really sent.
 
     Filled in place: the hooks that may look at ``ureq`` have all run by now.
     """
     headers = ureq.headers
     if ureq.body or ureq.method in _METHODS_WITH_BODY:
         headers["Content-Length"] = str(len(ureq.body))
-    for name in ("User-Agent", "Accept-Encoding"):
-        if name not in headers:
-            headers[name] = SKIP_HEADER
     return headers
 
 

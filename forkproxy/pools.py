@@ -1,0 +1,138 @@
+"""urllib3 connection pools that speak to the upstream through ``wire``.
+
+urllib3 keeps what it is good at: the pool of keep-alive connections, connect
+and TLS with verification, and ``urlopen``'s retry loop driven by a ``Retry``.
+Only ``_make_request``, the one request-response exchange on a connection,
+is forkproxy's: the head goes out in one write and the response head is read
+strictly by ``wire.read_head`` into an ``UpstreamReply``. http.client's
+request and response objects cost more than the rest of a proxied request
+(see the README's benchmark section) and parse heads laxly.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+from ssl import SSLError as BaseSSLError
+from typing import Any
+
+from urllib3.connection import HTTPConnection, HTTPSConnection, port_by_scheme
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import SSLError
+from urllib3.util.ssl_match_hostname import CertificateError
+from urllib3.util.timeout import Timeout
+
+from .reply import UpstreamReply
+from .wire import body_framing, host_header, read_head, request_head
+
+READ_BUFFER = 2048  # the reader's buffer: an open stream keeps it; larger reads bypass it
+_JOIN_BODY_BELOW = 16 * 1024  # smaller bodies go out in the same write as the head
+_SEND_ERRNOS_TO_READ_PAST = (errno.EPROTOTYPE, errno.ECONNRESET)
+
+
+class _Alive:
+    """``is_connected`` as one non-blocking peek instead of a poll.
+
+    urllib3 checks a pooled connection before reusing it; under gevent its
+    zero-timeout poll costs more than the rest of the request. Only a peek
+    that would block means idle and open: b"" is the upstream's close, and
+    bytes nobody asked for would be read as the next response. A zero
+    timeout is what makes gevent's recv not wait.
+    """
+
+    @property
+    def is_connected(self) -> bool:
+        sock = self.sock
+        if sock is None:
+            return False
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
+        try:
+            sock.recv(1, socket.MSG_PEEK)
+            return False
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.settimeout(timeout)
+
+
+class ProxyConnection(_Alive, HTTPConnection):
+    pass
+
+
+class _Exchange:
+    """``_make_request`` for a pool: one request out, one response head in."""
+
+    def __init__(self, host: str, port: int | None = None, **kw: Any) -> None:
+        super().__init__(host, port, **kw)
+        default_port = port_by_scheme[self.scheme]
+        self.host_header = host_header(_ascii_host(self.host), self.port or default_port, default_port)
+
+    def _make_request(self, conn: HTTPConnection, method: str, url: str, body: bytes | None = None,
+                      headers: Any = None, retries: Any = None, timeout: Any = None,
+                      **_response_kw: Any) -> UpstreamReply:
+        self.num_requests += 1
+        connect_timeout = Timeout.resolve_default_timeout(timeout.connect_timeout)
+        conn.timeout = connect_timeout
+        self._connect(conn, url)
+        sock = conn.sock
+        sock.settimeout(connect_timeout)  # a reused connection still has its last read's timeout
+        head = request_head(method, url, self.host_header, headers.iteritems())
+        try:
+            if body and len(body) < _JOIN_BODY_BELOW:
+                sock.sendall(head + body)
+            else:
+                sock.sendall(head)
+                if body:
+                    sock.sendall(body)
+        except BrokenPipeError:
+            pass  # the upstream may have answered before it stopped reading: read its answer
+        except OSError as exc:
+            if exc.errno not in _SEND_ERRNOS_TO_READ_PAST:
+                raise
+        read_timeout = timeout.read_timeout
+        sock.settimeout(read_timeout)
+        fp = sock.makefile("rb", READ_BUFFER)
+        try:
+            status, reply_headers = read_head(fp)
+            framing = body_framing(method, status, reply_headers)
+        except BaseException as exc:
+            fp.close()  # else the reader would keep the socket open after urllib3 closes the connection
+            if isinstance(exc, (BaseSSLError, OSError)):
+                self._raise_timeout(err=exc, url=url, timeout_value=read_timeout)
+            raise
+        return UpstreamReply(self, conn, fp, status, reply_headers, framing)
+
+    def _connect(self, conn: HTTPConnection, url: str) -> None:
+        """Connect (and for https, handshake and verify) a connection that has no socket yet."""
+        try:
+            try:
+                self._validate_conn(conn)  # https: connects and verifies
+                if conn.sock is None:
+                    conn.connect()
+            except (socket.timeout, BaseSSLError) as exc:
+                self._raise_timeout(err=exc, url=url, timeout_value=conn.timeout)
+                raise
+        except (BaseSSLError, CertificateError) as exc:
+            raise SSLError(exc) from exc
+
+
+class ProxyPool(_Exchange, HTTPConnectionPool):
+    ConnectionCls = ProxyConnection
+
+
+class ProxyTLSPool(_Exchange, HTTPSConnectionPool):
+    # A TLS socket cannot be peeked at below the record layer: urllib3's own liveness check stays.
+    ConnectionCls = HTTPSConnection
+
+
+POOL_CLASSES = {"http": ProxyPool, "https": ProxyTLSPool}
+
+
+def _ascii_host(host: str) -> str:
+    try:
+        host.encode("ascii")
+        return host
+    except UnicodeEncodeError:
+        return host.encode("idna").decode("ascii")

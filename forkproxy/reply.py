@@ -1,0 +1,159 @@
+"""An upstream response whose head is read and whose body is still on the wire.
+
+``UpstreamReply`` owns its pooled connection until the body has been read to
+its end (then ``release`` hands the connection back for reuse) or abandoned
+(``release`` closes it). The body is read with plain buffered-socket reads,
+one read per call, so the buffered path reads a sized body in one call and
+the streaming path relays whatever one read brought.
+"""
+from __future__ import annotations
+
+from http.client import IncompleteRead
+from typing import TYPE_CHECKING, BinaryIO, Callable
+
+from urllib3 import HTTPHeaderDict
+
+from .chunked import Dechunker
+from .wire import Framing, StatusLine
+
+if TYPE_CHECKING:
+    from urllib3 import HTTPConnectionPool
+    from urllib3.connection import HTTPConnection
+
+Pieces = Callable[[], "list[bytes] | None"]
+"""Body bytes of one read (whole chunks of a chunked body); None once the body has ended."""
+
+_DRAIN_LIMIT = 64 * 1024
+
+
+class UpstreamReply:
+    """Status, headers and the unread body of one upstream response."""
+
+    __slots__ = ("status", "reason", "version", "headers", "framing", "_fp", "_conn", "_pool", "_done")
+
+    def __init__(self, pool: "HTTPConnectionPool", conn: "HTTPConnection", fp: BinaryIO,
+                 status: StatusLine, headers: HTTPHeaderDict, framing: Framing) -> None:
+        self.status = status.status
+        self.reason = status.reason
+        self.version = status.version
+        self.headers = headers
+        self.framing = framing
+        self._fp = fp
+        self._conn: "HTTPConnection | None" = conn
+        self._pool = pool
+        self._done = framing.length == 0 and not framing.chunked
+
+    # -- what urllib3's urlopen and Retry ask of a response -----------------
+
+    def get_redirect_location(self) -> bool:
+        return False  # redirects go to the client, never followed
+
+    def drain_conn(self) -> None:
+        """Before a retry: read a small body so the connection can be reused; close it otherwise."""
+        try:
+            pieces, size = self.pieces(_DRAIN_LIMIT), 0
+            while size <= _DRAIN_LIMIT and (got := pieces()) is not None:
+                size += sum(map(len, got))
+        except Exception:
+            pass  # a broken body only means the connection is not reused
+        self.release()
+
+    # -- the body -----------------------------------------------------------
+
+    def set_read_timeout(self, seconds: float | None) -> None:
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            conn.sock.settimeout(seconds)
+
+    def read_sized(self) -> bytes:
+        """The whole body of a reply with a Content-Length, in one read."""
+        length = self.framing.length or 0
+        data = self._fp.read(length) if length else b""
+        if len(data) < length:
+            raise IncompleteRead(data, length - len(data))
+        self._done = True
+        return data
+
+    def pieces(self, size: int, *, waiting: bool = False) -> Pieces:
+        """The body as a function giving the bytes of one read of at most ``size``.
+
+        ``waiting`` is for bodies that mostly wait (streams): the wait happens
+        in the reader's own small buffer, not in a ``size``-byte one.
+        """
+        fp, framing = self._fp, self.framing
+        read1 = _waiting_read(fp) if waiting else fp.read1
+        if framing.chunked:
+            return self._chunks(read1, size)
+        if framing.length is not None:
+            return self._sized(read1, size, framing.length)
+        return self._to_close(read1, size)
+
+    def _chunks(self, read1: Callable[[int], bytes], size: int) -> Pieces:
+        dechunker = Dechunker(size)
+
+        def chunks() -> list[bytes] | None:
+            if dechunker.done:
+                self._done = True
+                return None
+            dechunker.raise_if_broken()  # fail now, not after waiting for bytes that may never come
+            data = read1(size)
+            if not data:
+                dechunker.finish()  # raises: the body ended inside the coding
+            return dechunker.feed(data)
+        return chunks
+
+    def _sized(self, read1: Callable[[int], bytes], size: int, length: int) -> Pieces:
+        owed = [length]
+
+        def sized() -> list[bytes] | None:
+            if not owed[0]:
+                self._done = True
+                return None
+            data = read1(min(size, owed[0]))
+            if not data:
+                raise IncompleteRead(b"", owed[0])
+            owed[0] -= len(data)
+            return [data]
+        return sized
+
+    def _to_close(self, read1: Callable[[int], bytes], size: int) -> Pieces:
+        def to_close() -> list[bytes] | None:
+            data = read1(size)
+            if not data:
+                self._done = True
+                return None
+            return [data]
+        return to_close
+
+    # -- the connection -------------------------------------------------------
+
+    def release(self) -> None:
+        """Give the connection back: for reuse after a complete body, closed otherwise. Runs once."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        self._fp.close()  # the reader, not the socket: it is the connection's
+        if not self._done or self.framing.will_close:
+            conn.close()
+            conn = None
+        self._pool._put_conn(conn)
+
+    def close(self) -> None:
+        """Abandon the body: the connection is closed, never reused."""
+        self._done = False
+        self.release()
+
+
+def _waiting_read(fp: BinaryIO) -> Callable[[int], bytes]:
+    """``fp.read1`` for a body that mostly waits: no buffer is held while it does.
+
+    ``read1(n)`` allocates its n bytes before the socket read and keeps them
+    for as long as the read blocks; ``peek`` waits in the reader's own small
+    buffer instead, and then exactly what arrived is taken.
+    """
+    peek, read1 = fp.peek, fp.read1
+
+    def read(n: int) -> bytes:
+        ready = peek(1)
+        return read1(min(n, len(ready))) if ready else b""
+    return read
