@@ -1,17 +1,16 @@
 """gunicorn settings for forkproxy: `gunicorn -c gunicorn.conf.py forkproxy.app`.
 
 Plain gunicorn config; anything here can still be overridden by flags or
-GUNICORN_CMD_ARGS. Nothing at module level imports forkproxy, gevent or
-urllib3: this file runs in the master, and each gevent worker must patch the
-standard library before those are imported.
+GUNICORN_CMD_ARGS. This file runs in the master, and each gevent worker must
+patch the standard library before gevent, urllib3 or the proxy is imported:
+of forkproxy only the access logger is loaded here, and it imports neither.
 """
-import json
 import multiprocessing
 import os
 import shutil
 import tempfile
 
-from gunicorn.glogging import Logger
+from forkproxy.accesslog import AccessLogger, JsonAccessLogger
 
 bind = os.environ.get("FORKPROXY_BIND", "127.0.0.1:8080")
 
@@ -49,36 +48,8 @@ errorlog = "-"
 loglevel = os.environ.get("FORKPROXY_LOG_LEVEL", "info")
 
 
-class JsonAccessLogger(Logger):
-    """One JSON object per access-log line (FORKPROXY_ACCESS_LOG_FORMAT=json)."""
-
-    FIELDS = {"remote": "h", "time": "t", "method": "m", "path": "U", "query": "q", "protocol": "H",
-              "status": "s", "bytes": "B", "seconds": "L", "user_agent": "a", "referer": "f",
-              "request_id": "{forkproxy.request_id}e", "upstream": "{forkproxy.upstream}e",
-              "upstream_status": "{forkproxy.upstream_status}e",
-              "upstream_seconds": "{forkproxy.upstream_time}e", "retries": "{forkproxy.retries}e"}
-
-    def access(self, resp, req, environ, request_time):
-        if not (self.cfg.accesslog or self.cfg.logconfig or self.cfg.logconfig_dict or self.cfg.syslog):
-            return
-        atoms = self.atoms(resp, req, environ, request_time)
-        line = {name: atoms.get(atom) for name, atom in self.FIELDS.items()}
-        for name in ("status", "bytes", "retries", "upstream_status"):
-            try:
-                line[name] = int(line[name])
-            except (TypeError, ValueError):
-                line[name] = None
-        for name in ("seconds", "upstream_seconds"):
-            try:
-                line[name] = float(line[name])
-            except (TypeError, ValueError):
-                line[name] = None
-        try:
-            self.access_log.info(json.dumps(line))
-        except Exception:
-            self.exception("Failed to log the access line")
-
-
+# gunicorn's lines, built from only the atoms the format names; or one JSON object per line.
+logger_class = AccessLogger
 if os.environ.get("FORKPROXY_ACCESS_LOG_FORMAT", "").lower() == "json":
     logger_class = JsonAccessLogger
 

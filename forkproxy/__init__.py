@@ -1,30 +1,50 @@
 """forkproxy: a reverse proxy and API gateway as a WSGI application.
 
 Serve it with gunicorn's gevent workers: ``gunicorn -c gunicorn.conf.py forkproxy.app``.
+
+The names below are imported on first use, so that the gunicorn master can
+load ``forkproxy.accesslog`` without urllib3 or gevent, which a gevent
+worker must import only after it has patched the standard library.
 """
-from .config import ConfigError
-from .errors import (
-    BadRequest,
-    BadUpstreamResponse,
-    HookError,
-    InternalError,
-    PayloadTooLarge,
-    ProxyError,
-    UpgradeNotSupported,
-    UpstreamBodyTooLarge,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
-from .messages import Request, Response, StreamStats, StreamWriter, UpstreamRequest, UpstreamResponse
-from .proxy import HOOK_NAMES, Proxy
-from .retry import IDEMPOTENT_METHODS, RetryPolicy
-from .trust import TrustedProxies
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Proxy", "RetryPolicy", "HOOK_NAMES", "IDEMPOTENT_METHODS", "TrustedProxies", "ConfigError",
-    "Request", "Response", "UpstreamRequest", "UpstreamResponse", "StreamStats", "StreamWriter",
-    "ProxyError", "BadRequest", "PayloadTooLarge", "UpstreamUnreachable", "UpstreamBodyTooLarge",
-    "BadUpstreamResponse", "UpstreamTimeout", "UpgradeNotSupported", "HookError", "InternalError",
-]
+_HOMES = {
+    "config": ("ConfigError",),
+    "errors": ("BadRequest", "BadUpstreamResponse", "HookError", "InternalError", "PayloadTooLarge", "ProxyError",
+               "UpgradeNotSupported", "UpstreamBodyTooLarge", "UpstreamTimeout", "UpstreamUnreachable"),
+    "messages": ("Request", "Response", "StreamStats", "StreamWriter", "UpstreamRequest", "UpstreamResponse"),
+    "proxy": ("HOOK_NAMES", "Proxy"),
+    "retry": ("IDEMPOTENT_METHODS", "RetryPolicy"),
+    "trust": ("TrustedProxies",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_HOME_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'forkproxy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .config import ConfigError
+    from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError,
+                         UpgradeNotSupported, UpstreamBodyTooLarge, UpstreamTimeout, UpstreamUnreachable)
+    from .messages import Request, Response, StreamStats, StreamWriter, UpstreamRequest, UpstreamResponse
+    from .proxy import HOOK_NAMES, Proxy
+    from .retry import IDEMPOTENT_METHODS, RetryPolicy
+    from .trust import TrustedProxies

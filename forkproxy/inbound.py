@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-import uuid
+import os
 from urllib.parse import quote
 
 from urllib3 import HTTPHeaderDict
@@ -24,7 +24,7 @@ def request_id(incoming: str | None) -> str:
     """
     if incoming and _REQUEST_ID.fullmatch(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def request_target(environ: dict) -> str:

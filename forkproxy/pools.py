@@ -22,7 +22,7 @@ from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.timeout import Timeout
 
 from .reply import UpstreamReply
-from .wire import body_framing, host_header, read_head, request_head
+from .wire import HeaderBlock, body_framing, host_header, read_head, request_head
 
 READ_BUFFER = 2048  # the reader's buffer: an open stream keeps it; larger reads bypass it
 _JOIN_BODY_BELOW = 16 * 1024  # smaller bodies go out in the same write as the head
@@ -70,7 +70,7 @@ class _Exchange:
         self.host_header = host_header(_ascii_host(self.host), self.port or default_port, default_port)
 
     def _make_request(self, conn: HTTPConnection, method: str, url: str, body: bytes | None = None,
-                      headers: Any = None, retries: Any = None, timeout: Any = None,
+                      headers: HeaderBlock | None = None, retries: Any = None, timeout: Any = None,
                       **_response_kw: Any) -> UpstreamReply:
         self.num_requests += 1
         connect_timeout = Timeout.resolve_default_timeout(timeout.connect_timeout)
@@ -78,7 +78,7 @@ class _Exchange:
         self._connect(conn, url)
         sock = conn.sock
         sock.settimeout(connect_timeout)  # a reused connection still has its last read's timeout
-        head = request_head(method, url, self.host_header, headers.iteritems())
+        head = request_head(method, url, headers)
         try:
             if body and len(body) < _JOIN_BODY_BELOW:
                 sock.sendall(head + body)

@@ -146,10 +146,10 @@ class Proxy:
             self._fail(req, res, ures, err)
         try:
             _call(self.after_forward, req, ures, res)
-            reply_headers = self._client_headers(req, res)
+            reply_headers = self._client_headers(req, res, hook_made=res.headers is not ures.headers)
         except HookError as err:
             self._fail(req, res, ures, err)
-            reply_headers = self._client_headers(req, res)
+            reply_headers = self._client_headers(req, res, hook_made=False)
         body: Iterable[bytes] = [res.body]
         if close:
             body = close_connection_after(body, req.environ)
@@ -194,8 +194,14 @@ class Proxy:
             return StreamRelay(self, req, resp, upstream).reply()
         ures.body = read_body(resp, self.max_response_body_bytes, upstream)
         req.environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - started:.6f}"  # buffered: head and body
-        res.status, res.headers, res.body = resp.status, resp.headers.copy(), ures.body
+        res.status, res.body = resp.status, ures.body
+        # Only an after_forward hook could make the two differ; without one, no copy.
+        res.headers = resp.headers.copy() if self._overrides("after_forward") else resp.headers
         return None
+
+    def _overrides(self, hook: str) -> bool:
+        """Whether ``hook`` is user code: a subclass's method or one registered on this instance."""
+        return hook in self.__dict__ or getattr(type(self), hook) is not getattr(Proxy, hook)
 
     def _upstream_request(self, req: Request) -> UpstreamRequest:
         environ = req.environ
@@ -225,13 +231,17 @@ class Proxy:
             cached = self._timeout_cache = (key, urllib3.Timeout(connect=min(key), read=self.timeout))
         return cached[1]
 
-    def _client_headers(self, req: Request, res: Response) -> list[tuple[str, str]]:
+    def _client_headers(self, req: Request, res: Response, *, hook_made: bool) -> list[tuple[str, str]]:
         """WSGI headers for ``res``; Content-Length is the body's, except
-        where no body is sent (HEAD, 204, 304) and the upstream's stands."""
+        where no body is sent (HEAD, 204, 304) and the upstream's stands.
+
+        Headers a hook may have set are checked; the upstream's own passed
+        wire.read_head, which refuses the same characters.
+        """
         keep_length = req.method == "HEAD" or res.status in (204, 304)
         pairs = header_rules.client_response_headers(res.headers, keep_content_length=keep_length,
                                                      drop=(REQUEST_ID_HEADER.lower(),))
-        bad = header_rules.first_forbidden(pairs)
+        bad = header_rules.first_forbidden(pairs) if hook_made else None
         if bad is not None:
             raise HookError(f"response header {bad!r} holds CR, LF, NUL or a non-latin-1 character")
         if not keep_length:

@@ -22,8 +22,9 @@ from urllib3.exceptions import (
 from .errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .messages import UpstreamRequest
 from .urls import Upstream
-from .pools import POOL_CLASSES
+from .pools import POOL_CLASSES, ProxyPool, ProxyTLSPool
 from .reply import UpstreamReply
+from .wire import HeaderBlock
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
@@ -42,14 +43,14 @@ class Transport:
     def __init__(self, *, pool_maxsize: int, ca_certs: str | None) -> None:
         self.pool_maxsize = pool_maxsize
         self.ca_certs = ca_certs
-        self._pools: dict[tuple[str, str, int], urllib3.HTTPConnectionPool] = {}
+        self._pools: dict[tuple[str, str, int], ProxyPool | ProxyTLSPool] = {}
         os.register_at_fork(after_in_child=self.forget)
 
     def forget(self) -> None:
         """Drop pools inherited over fork without touching their sockets."""
         self._pools = {}
 
-    def pool(self, upstream: Upstream) -> urllib3.HTTPConnectionPool:
+    def pool(self, upstream: Upstream) -> ProxyPool | ProxyTLSPool:
         key = (upstream.scheme, upstream.host, upstream.port)
         pool = self._pools.get(key)
         if pool is None:
@@ -72,12 +73,13 @@ class Transport:
 
         Raises ``ProxyError`` when no usable response head arrived.
         """
+        pool = self.pool(upstream)
         try:
-            return self.pool(upstream).urlopen(
+            return pool.urlopen(
                 ureq.method,
                 upstream.join(ureq.path),
                 body=ureq.body or None,
-                headers=wire_headers(ureq),
+                headers=HeaderBlock(pool.host_header, wire_headers(ureq)),
                 retries=retries,
                 redirect=False,
                 assert_same_host=False,

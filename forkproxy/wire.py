@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from http.client import BadStatusLine, HTTPException, LineTooLong, RemoteDisconnected, UnknownProtocol
-from typing import BinaryIO, Iterable, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from urllib3 import HTTPHeaderDict
 
@@ -23,24 +23,40 @@ MAX_LINE = 65536
 MAX_HEADERS = 100
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNSAFE = re.compile(r"[\r\0]")
+# Every line of a plain header block, each matched from its start (a line that
+# is not exactly one field leaves the count of matches short of the lines).
+_FIELD_LINES = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\r\n", re.M)
 _NO_BODY_STATUSES = frozenset((204, 304))
 
 
-def request_head(method: str, target: str, host: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    """The request line and header block, ready for the socket.
+class HeaderBlock:
+    """A request's header lines, Host included, encoded once for every attempt.
 
-    ``host`` is sent unless ``headers`` carries a Host of its own. Names and
-    values have been checked by then (headers.first_forbidden).
+    ``urlopen`` copies the headers it is given (to add a proxy's headers,
+    which forkproxy's pools have none of); a block never changes, so its copy
+    is itself, and urllib3's retries resend the same bytes.
     """
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    has_host = False
-    for name, value in headers:
-        lines.append(f"{name}: {value}\r\n")
-        has_host = has_host or name.lower() == "host"
-    if not has_host:
-        lines.insert(1, f"Host: {host}\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+
+    __slots__ = ("data",)
+
+    def __init__(self, host: str, headers: HTTPHeaderDict) -> None:
+        lines = [f"{name}: {value}\r\n" for name, value in headers.iteritems()]
+        if "host" not in headers:
+            lines.insert(0, f"Host: {host}\r\n")
+        lines.append("\r\n")
+        self.data = "".join(lines).encode("latin-1")
+
+    def copy(self) -> "HeaderBlock":
+        return self
+
+    def update(self, other: dict) -> None:
+        if other:
+            raise TypeError("a request's header block is final once encoded")
+
+
+def request_head(method: str, target: str, block: HeaderBlock) -> bytes:
+    """Request line and header block, ready for the socket (names and values were checked by the proxy)."""
+    return f"{method} {target} HTTP/1.1\r\n".encode("latin-1") + block.data
 
 
 def host_header(host: str, port: int, default_port: int) -> str:
@@ -56,11 +72,15 @@ class StatusLine(NamedTuple):
 
 
 def parse_status_line(line: bytes) -> StatusLine:
+    """A status line as read (line end included); b"" is a connection closed before any response."""
     if not line:
         raise RemoteDisconnected("upstream closed the connection without a response")
     if len(line) > MAX_LINE:
         raise LineTooLong("status line")
-    text = line.decode("latin-1").rstrip("\r\n")
+    return _status(line.decode("latin-1").rstrip("\r\n"))
+
+
+def _status(text: str) -> StatusLine:
     version, _, rest = text.partition(" ")
     code, _, reason = rest.partition(" ")
     if not version.startswith("HTTP/"):
@@ -77,12 +97,16 @@ def parse_status_line(line: bytes) -> StatusLine:
 
 
 def parse_header_line(line: bytes) -> tuple[str, str]:
-    """One header line (with its line end) as (name, value), or HTTPException."""
+    """One header line (line end included) as (name, value), or HTTPException."""
     if not line.endswith(b"\n"):
         raise HTTPException("response head ended before its blank line")
     text = line[:-2 if line.endswith(b"\r\n") else -1].decode("latin-1")
     if _UNSAFE.search(text):
         raise HTTPException("CR or NUL inside a response header line")
+    return _field(text)
+
+
+def _field(text: str) -> tuple[str, str]:
     if text[:1] in (" ", "\t"):
         raise HTTPException("obs-fold (a folded header line) in the response head")
     name, colon, value = text.partition(":")
@@ -92,15 +116,42 @@ def parse_header_line(line: bytes) -> tuple[str, str]:
 
 
 def read_head(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict]:
-    """The final response head; interim 1xx heads (100 Continue) are skipped."""
+    """The final response head; interim 1xx heads (100 Continue, 103) are skipped."""
     while True:
-        status = parse_status_line(fp.readline(MAX_LINE + 1))
-        headers = read_header_block(fp)
+        status, headers = _read_whole_head(fp) or _read_head_by_lines(fp)
         if not 100 <= status.status < 200 or status.status == 101:
             return status, headers
 
 
-def read_header_block(fp: BinaryIO) -> HTTPHeaderDict:
+def _read_whole_head(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict] | None:
+    """The common case in one step: a plain CRLF head already in the reader's buffer.
+
+    None leaves the reader untouched for the line-by-line parser, which also
+    gives the precise error for whatever made this head unusual.
+    """
+    data = fp.peek(1)
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    block = data[:end]
+    bare = block.replace(b"\r\n", b"")
+    if b"\r" in bare or b"\n" in bare or b"\0" in bare:
+        return None
+    text = block.decode("latin-1")
+    first, _, fields = text.partition("\r\n")
+    pairs = _FIELD_LINES.findall(fields + "\r\n") if fields else []
+    if len(pairs) != (fields.count("\r\n") + 1 if fields else 0) or len(pairs) > MAX_HEADERS:
+        return None  # a line that is not a plain field: the line parser names it
+    status = _status(first)
+    headers = HTTPHeaderDict()
+    for name, value in pairs:
+        headers.add(name, value)
+    fp.read(end + 4)
+    return status, headers
+
+
+def _read_head_by_lines(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict]:
+    status = parse_status_line(fp.readline(MAX_LINE + 1))
     headers = HTTPHeaderDict()
     count = 0
     while True:
@@ -108,7 +159,7 @@ def read_header_block(fp: BinaryIO) -> HTTPHeaderDict:
         if len(line) > MAX_LINE:
             raise LineTooLong("header line")
         if line == b"\r\n" or line == b"\n":
-            return headers
+            return status, headers
         count += 1
         if count > MAX_HEADERS:
             raise HTTPException(f"got more than {MAX_HEADERS} headers")
