@@ -6,7 +6,7 @@ header names, describe one transport link and must not travel further.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from urllib3 import HTTPHeaderDict
 
@@ -23,6 +23,7 @@ _SET_BY_SERVER = frozenset(("date", "server"))
 
 # CR, LF, NUL, or anything latin-1 (the wire's encoding of header bytes) cannot carry.
 _FORBIDDEN = re.compile("[\r\n\0\u0100-\U0010ffff]")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def is_hop_by_hop(name: str) -> bool:
@@ -34,6 +35,27 @@ def has_forbidden_chars(text: str) -> bool:
     return _FORBIDDEN.search(text) is not None
 
 
+def fields(headers: HTTPHeaderDict) -> Iterable[tuple[str, list[str]]]:
+    """(lower-cased name, [name as first set, value, value...]) per field, in order.
+
+    Read straight from HTTPHeaderDict's store, which keeps exactly that:
+    these rules run on every request, and its item views pay a lower() and a
+    lookup per line. Any other mapping is read through ``items()``.
+    """
+    store = getattr(headers, "_container", None)
+    if isinstance(store, dict):
+        return store.items()
+    grouped: dict[str, list[str]] = {}
+    for name, value in headers.items():
+        grouped.setdefault(name.lower(), [name]).append(value)
+    return grouped.items()
+
+
+def lines(headers: HTTPHeaderDict) -> list[tuple[str, str]]:
+    """Every (name, value) line, repeated fields as repeated lines: ``headers.iteritems()``, faster."""
+    return [(values[0], value) for _, values in fields(headers) for value in values[1:]]
+
+
 def connection_named(headers: HTTPHeaderDict) -> frozenset[str]:
     """Lower-cased names listed in the ``Connection`` header(s)."""
     names = set()
@@ -43,12 +65,9 @@ def connection_named(headers: HTTPHeaderDict) -> frozenset[str]:
     return frozenset(names)
 
 
-def _end_to_end(headers: HTTPHeaderDict) -> Iterator[tuple[str, str]]:
-    dropped = connection_named(headers)
-    for name, value in headers.items():
-        lname = name.lower()
-        if lname not in HOP_BY_HOP and lname not in dropped:
-            yield name, value
+def _not_forwarded(headers: HTTPHeaderDict) -> frozenset[str]:
+    """Hop-by-hop names plus every name the Connection header lists."""
+    return HOP_BY_HOP | connection_named(headers) if "connection" in headers else HOP_BY_HOP
 
 
 def wants_upgrade(headers: HTTPHeaderDict) -> bool:
@@ -69,10 +88,14 @@ def upstream_request_headers(
     from the upstream URL and the final body, so a hook cannot make them
     disagree with what is really sent.
     """
+    skip = _not_forwarded(headers) | _SET_TOWARDS_UPSTREAM
     out = HTTPHeaderDict()
-    for name, value in _end_to_end(headers):
-        if name.lower() not in _SET_TOWARDS_UPSTREAM:
-            out.add(name, value)
+    add = out.add
+    for lname, values in fields(headers):
+        if lname not in skip:
+            name = values[0]
+            for value in values[1:]:
+                add(name, value)
     if client_addr:
         chain = out.pop("x-forwarded-for", None)
         out["X-Forwarded-For"] = f"{chain}, {client_addr}" if chain else client_addr
@@ -93,20 +116,21 @@ def client_response_headers(
     must not be able to steer it. ``Content-Length`` is recomputed from the
     body the client really gets, except where the body is never sent.
     """
-    skip = set(_SET_BY_SERVER).union(drop)
+    skip = _not_forwarded(headers) | _SET_BY_SERVER.union(drop)
     if not keep_content_length:
-        skip.add("content-length")
+        skip |= {"content-length"}
     return [
-        (name, value)
-        for name, value in _end_to_end(headers)
-        if name.lower() not in skip and not name.lower().startswith("x-accel-")
+        (values[0], value)
+        for lname, values in fields(headers)
+        if lname not in skip and not lname.startswith("x-accel-")
+        for value in values[1:]
     ]
 
 
 def first_forbidden(pairs: Iterable[tuple[str, str]]) -> str | None:
-    """The first header name whose name or value holds CR, LF, NUL or a non-latin-1 character."""
-    search = _FORBIDDEN.search
+    """The first header name that is not a token, or whose value holds CR, LF, NUL or a non-latin-1 character."""
+    search, token = _FORBIDDEN.search, _TOKEN.fullmatch
     for name, value in pairs:
-        if search(value) or search(name):
+        if search(value) or not token(name):
             return name
     return None

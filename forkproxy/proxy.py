@@ -265,7 +265,7 @@ def _check_upstream_request(ureq: UpstreamRequest) -> None:
         raise HookError(f"upstream path must start with '/': {ureq.path!r}")
     if header_rules.has_forbidden_chars(ureq.path) or " " in ureq.path:
         raise HookError(f"upstream path holds CR, LF, NUL or space: {ureq.path!r}")
-    bad = header_rules.first_forbidden(ureq.headers.items())
+    bad = header_rules.first_forbidden(header_rules.lines(ureq.headers))
     if bad is not None:
         raise HookError(f"upstream request header {bad!r} holds CR, LF, NUL or a non-latin-1 character")
 

@@ -19,6 +19,8 @@ from typing import BinaryIO, NamedTuple
 
 from urllib3 import HTTPHeaderDict
 
+from .headers import lines as header_lines
+
 MAX_LINE = 65536
 MAX_HEADERS = 100
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -40,7 +42,7 @@ class HeaderBlock:
     __slots__ = ("data",)
 
     def __init__(self, host: str, headers: HTTPHeaderDict) -> None:
-        lines = [f"{name}: {value}\r\n" for name, value in headers.iteritems()]
+        lines = [f"{name}: {value}\r\n" for name, value in header_lines(headers)]
         if "host" not in headers:
             lines.insert(0, f"Host: {host}\r\n")
         lines.append("\r\n")

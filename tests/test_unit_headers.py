@@ -3,7 +3,7 @@ import pytest
 from urllib3 import HTTPHeaderDict
 
 from forkproxy import Proxy
-from forkproxy.headers import (client_response_headers, connection_named, first_forbidden,
+from forkproxy.headers import (client_response_headers, connection_named, fields, first_forbidden,
                                upstream_request_headers, wants_upgrade)
 
 
@@ -83,3 +83,15 @@ def test_upgrade_needs_both_connection_upgrade_and_an_upgrade_header():
 def test_cr_lf_nul_are_found_in_names_and_values(pair):
     assert first_forbidden([("Ok", "fine"), pair]) == pair[0]
     assert first_forbidden([("Ok", "fine"), ("Latin", "caf\xe9")]) is None
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "X:Y", "Trailing ", "", "caf\xe9"])
+def test_a_header_name_that_is_not_a_token_is_found(name):
+    assert first_forbidden([("Ok", "fine"), (name, "v")]) == name
+
+
+def test_fields_read_any_mapping_as_they_read_a_header_dict():
+    pairs = [("Set-Cookie", "a=1"), ("X-One", "1"), ("set-cookie", "b=2")]
+    assert list(fields(HTTPHeaderDict(pairs))) == [("set-cookie", ["Set-Cookie", "a=1", "b=2"]),
+                                                   ("x-one", ["X-One", "1"])]
+    assert list(fields({"X-One": "1"})) == [("x-one", ["X-One", "1"])]
