@@ -21,10 +21,9 @@ from urllib3.exceptions import SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.timeout import Timeout
 
-from .reply import UpstreamReply
+from .reply import READ_BUFFER, UpstreamReply
 from .wire import HeaderBlock, body_framing, host_header, read_head, request_head
 
-READ_BUFFER = 2048  # the reader's buffer: an open stream keeps it; larger reads bypass it
 _JOIN_BODY_BELOW = 16 * 1024  # smaller bodies go out in the same write as the head
 _SEND_ERRNOS_TO_READ_PAST = (errno.EPROTOTYPE, errno.ECONNRESET)
 

@@ -24,6 +24,7 @@ Pieces = Callable[[], "list[bytes] | None"]
 """Body bytes of one read (whole chunks of a chunked body); None once the body has ended."""
 
 _DRAIN_LIMIT = 64 * 1024
+READ_BUFFER = 2048  # the reader's buffer: the head is read through it; larger body reads bypass it
 
 
 class UpstreamReply:
@@ -81,7 +82,7 @@ class UpstreamReply:
         in the reader's own small buffer, not in a ``size``-byte one.
         """
         fp, framing = self._fp, self.framing
-        read1 = _waiting_read(fp) if waiting else fp.read1
+        read1 = self._waiting_read() if waiting else fp.read1
         if framing.chunked:
             return self._chunks(read1, size)
         if framing.length is not None:
@@ -125,6 +126,35 @@ class UpstreamReply:
             return [data]
         return to_close
 
+    def _waiting_read(self) -> Callable[[int], bytes]:
+        """A read for a body that mostly waits: straight from the socket once the reader is empty.
+
+        A socket read waits with no buffer allocated (gevent allocates it when
+        bytes are there), and with fewer frames on the greenlet's stack, which
+        is saved to the heap while the stream waits. The reader may hold the
+        first body bytes (read with the head): those come first.
+        """
+        sock = self._conn.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0)  # the reader's bytes only, no wait
+        try:
+            held = [self._fp.read1(READ_BUFFER)]
+        finally:
+            sock.settimeout(timeout)
+        self._fp.close()  # and its buffer goes: a stream may stay open for hours
+        recv = sock.recv
+
+        def read(n: int) -> bytes:
+            if held:
+                data = held.pop()
+                if len(data) > n:
+                    held.append(data[n:])
+                    data = data[:n]
+                if data:
+                    return data
+            return recv(n)
+        return read
+
     # -- the connection -------------------------------------------------------
 
     def release(self) -> None:
@@ -143,17 +173,3 @@ class UpstreamReply:
         self._done = False
         self.release()
 
-
-def _waiting_read(fp: BinaryIO) -> Callable[[int], bytes]:
-    """``fp.read1`` for a body that mostly waits: no buffer is held while it does.
-
-    ``read1(n)`` allocates its n bytes before the socket read and keeps them
-    for as long as the read blocks; ``peek`` waits in the reader's own small
-    buffer instead, and then exactly what arrived is taken.
-    """
-    peek, read1 = fp.peek, fp.read1
-
-    def read(n: int) -> bytes:
-        ready = peek(1)
-        return read1(min(n, len(ready))) if ready else b""
-    return read
