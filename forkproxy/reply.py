@@ -9,6 +9,7 @@ the streaming path relays whatever one read brought.
 from __future__ import annotations
 
 from http.client import IncompleteRead
+from ssl import SSLWantReadError
 from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from urllib3 import HTTPHeaderDict
@@ -139,6 +140,8 @@ class UpstreamReply:
         sock.settimeout(0)  # the reader's bytes only, no wait
         try:
             held = [self._fp.read1(READ_BUFFER)]
+        except (BlockingIOError, SSLWantReadError):  # TLS says "nothing yet" its own way
+            held = []
         finally:
             sock.settimeout(timeout)
         self._fp.close()  # and its buffer goes: a stream may stay open for hours

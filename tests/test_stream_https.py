@@ -1,6 +1,7 @@
 """An https:// upstream streams like an http:// one, verified against a test CA."""
 import ssl
 import threading
+import time
 import uuid
 
 import pytest
@@ -49,6 +50,23 @@ def test_sse_over_https_streams_event_by_event(tls_streams, tls_upstream):
     assert client.read_head() == 200
     assert client.read_rest() == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
     assert tls_streams.records.wait_one(path)["chunk_count"] == 3
+
+
+def test_sse_over_https_whose_first_event_comes_after_a_pause(tls_streams, tls_upstream):
+    path = f"/tls-late/{uuid.uuid4().hex}"
+
+    def route(h, s):
+        h.start_chunked(content_type="text/event-stream")
+        time.sleep(0.3)  # the relay starts with nothing read past the head
+        for i in range(2):
+            h.chunk(b"data: %d\n\n" % i)
+            time.sleep(0.05)
+        h.end_chunked()
+    tls_upstream.route(path, route)
+    client = StreamClient(tls_streams.url, path, headers={"X-Test-Upstream": tls_upstream.tls_url})
+    assert client.read_head() == 200
+    assert client.read_rest() == [b"data: 0\n\n", b"data: 1\n\n"]
+    assert tls_streams.records.wait_one(path)["errored"] is False
 
 
 def test_buffered_over_https_and_connection_reuse(tls_streams, tls_upstream):
