@@ -192,6 +192,14 @@ def test_hook_set_header_with_crlf_is_500_and_never_sent(gateway, upstream):
     assert not any(k.lower() == "injected" for k, _ in reply.headers)
 
 
+def test_hook_set_header_name_that_is_not_a_token_is_500_and_never_sent(gateway, upstream):
+    path = unique("/hook-bad-name")
+    reply = request(gateway.url, "GET", path)
+    assert_error(reply, 500, "hook_error")
+    assert "Transfer-Encoding " in reply.json()["error"]["message"]
+    assert upstream.seen(path) == []
+
+
 def test_hook_made_path_without_leading_slash_is_500(gateway, upstream):
     assert_error(request(gateway.url, "GET", unique("/hook-badpath")), 500, "hook_error")
 

@@ -46,6 +46,8 @@ class TestGateway(Proxy):
             raise RuntimeError("boom from before_forward")
         if path.startswith("/hook-crlf"):
             ureq.headers["X-Evil"] = "a\r\nInjected: 1"
+        if path.startswith("/hook-bad-name"):
+            ureq.headers["Transfer-Encoding "] = "chunked"  # a lenient upstream would read it as TE
         if path.startswith("/hook-res-crlf"):
             res.headers["X-Evil"] = "a\r\nInjected: 1"
             res.body = "x"
