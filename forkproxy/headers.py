@@ -23,7 +23,9 @@ _SET_BY_SERVER = frozenset(("date", "server"))
 
 # CR, LF, NUL, or anything latin-1 (the wire's encoding of header bytes) cannot carry.
 _FORBIDDEN = re.compile("[\r\n\0\u0100-\U0010ffff]")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A field name (RFC 9110 section 5.6.2), for every check of names in either direction.
+TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(TOKEN)
 
 
 def is_hop_by_hop(name: str) -> bool:
@@ -127,8 +129,11 @@ def client_response_headers(
     ]
 
 
+FORBIDDEN_WHY = "a name that is not a token, or CR, LF, NUL or a non-latin-1 character in its value"
+
+
 def first_forbidden(pairs: Iterable[tuple[str, str]]) -> str | None:
-    """The first header name that is not a token, or whose value holds CR, LF, NUL or a non-latin-1 character."""
+    """The first header name with ``FORBIDDEN_WHY``, or None."""
     search, token = _FORBIDDEN.search, _TOKEN.fullmatch
     for name, value in pairs:
         if search(value) or not token(name):

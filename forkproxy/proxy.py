@@ -243,7 +243,7 @@ class Proxy:
                                                      drop=(REQUEST_ID_HEADER.lower(),))
         bad = header_rules.first_forbidden(pairs) if hook_made else None
         if bad is not None:
-            raise HookError(f"response header {bad!r} holds CR, LF, NUL or a non-latin-1 character")
+            raise HookError(f"response header {bad!r}: {header_rules.FORBIDDEN_WHY}")
         if not keep_length:
             pairs.append(("Content-Length", str(len(res.body))))
         pairs.append((REQUEST_ID_HEADER, req.request_id))
@@ -267,7 +267,7 @@ def _check_upstream_request(ureq: UpstreamRequest) -> None:
         raise HookError(f"upstream path holds CR, LF, NUL or space: {ureq.path!r}")
     bad = header_rules.first_forbidden(header_rules.lines(ureq.headers))
     if bad is not None:
-        raise HookError(f"upstream request header {bad!r} holds CR, LF, NUL or a non-latin-1 character")
+        raise HookError(f"upstream request header {bad!r}: {header_rules.FORBIDDEN_WHY}")
 
 
 def _may_have_body(method: str, status: int) -> bool:

@@ -19,15 +19,15 @@ from typing import BinaryIO, NamedTuple
 
 from urllib3 import HTTPHeaderDict
 
-from .headers import lines as header_lines
+from .headers import TOKEN, lines as header_lines
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN = re.compile(TOKEN)
 _UNSAFE = re.compile(r"[\r\0]")
 # Every line of a plain header block, each matched from its start (a line that
 # is not exactly one field leaves the count of matches short of the lines).
-_FIELD_LINES = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\r\n", re.M)
+_FIELD_LINES = re.compile(rf"^({TOKEN}):[ \t]*(.*?)[ \t]*\r\n", re.M)
 _NO_BODY_STATUSES = frozenset((204, 304))
 
 
