@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.client import StreamClient, raw, request, status_of
 from tests.support.gunicorn import Gunicorn, open_fds, rss_kib
+from tests.support.servers import event_stream
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +79,7 @@ def test_memory_stays_flat_while_refusing_oversize_bodies(edge):
 @pytest.mark.slow
 def test_sustained_mixed_load_loses_and_duplicates_nothing(edge, upstream):
     prefix = f"/mixed/{uuid.uuid4().hex}"
-    upstream.route(prefix + "/sse", lambda h, s: (h.start_chunked(content_type="text/event-stream"),
-                                                  [h.chunk(b"data: %d\n\n" % i) for i in range(5)],
-                                                  h.end_chunked()))
+    upstream.route(prefix + "/sse", event_stream(5))
     sent, failures = Counter(), []
     stop = threading.Event()
 

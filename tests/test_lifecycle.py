@@ -7,18 +7,13 @@ import uuid
 
 from tests.support.client import StreamClient, request
 from tests.support.gunicorn import Gunicorn
+from tests.support.servers import event_stream
 
 
 def slow_routes(upstream, prefix):
     upstream.route(prefix + "/slow", lambda h, s: (time.sleep(1.5), h.reply(200, b"slow-done")))
 
-    def stream(h, s):
-        h.start_chunked(content_type="text/event-stream")
-        for i in range(8):
-            h.chunk(b"data: %d\n\n" % i)
-            time.sleep(0.25)
-        h.end_chunked()
-    upstream.route(prefix + "/stream", stream)
+    upstream.route(prefix + "/stream", event_stream(8, gap=0.25))
 
 
 def test_sigterm_lets_in_flight_requests_and_streams_finish(upstream):

@@ -8,7 +8,7 @@ import uuid
 
 from tests.support.client import StreamClient, request
 from tests.support.gunicorn import Gunicorn
-from tests.support.servers import free_port
+from tests.support.servers import event_stream, free_port
 
 
 def test_an_incoming_request_id_is_kept_end_to_end(gateway, upstream):
@@ -40,8 +40,7 @@ def test_proxy_errors_carry_the_request_id_in_reply_and_log(gateway):
 
 def test_streams_carry_the_request_id(streams, upstream):
     path = f"/rid-s/{uuid.uuid4().hex}"
-    upstream.route(path, lambda h, s: (h.start_chunked(content_type="text/event-stream"),
-                                       h.chunk(b"data: 1\n\n"), h.end_chunked()))
+    upstream.route(path, event_stream(1))
     client = StreamClient(streams.url, path, headers={"X-Request-ID": "stream-7"})
     client.read_head()
     client.read_rest()
@@ -92,9 +91,7 @@ def test_metrics_are_summed_across_two_workers(upstream):
             flaky["n"] += 1
             h.reply(503 if flaky["n"] == 1 else 200, b"x")
         upstream.route(prefix + "/flaky", once_busy)
-        upstream.route(prefix + "/sse", lambda h, s: (h.start_chunked(content_type="text/event-stream"),
-                                                      [h.chunk(b"data: %d\n\n" % i) for i in range(3)],
-                                                      h.end_chunked()))
+        upstream.route(prefix + "/sse", event_stream(3))
         for i in range(20):
             assert request(g.url, "GET", f"{prefix}/ok/{i}").status == 200
         assert request(g.url, "POST", f"{prefix}/ok", body=b"x").status == 200

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from tests.support.client import StreamClient, Truncated, request
-from tests.support.servers import RawServer, read_request_head
+from tests.support.servers import RawServer, event_stream, read_request_head
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -159,12 +159,7 @@ def test_client_that_goes_away_closes_the_upstream_connection(streams):
 def test_a_raising_chunk_hook_cuts_the_stream_and_the_worker_serves_on(streams, upstream):
     path = unique()
 
-    def route(h, s):
-        h.start_chunked(content_type="text/event-stream")
-        for i in range(4):
-            h.chunk(b"data: %d\n\n" % i)
-        h.end_chunked()
-    upstream.route(path, route)
+    upstream.route(path, event_stream(4))
     got = read_until_cut(streams, path, **{"X-Mode": "raise", "X-Final": "1"})
     assert got[0] == b"data: 0\n\n"
     record = streams.records.wait_one(path)

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from tests.support.client import StreamClient, request
-from tests.support.servers import Handler, Server, Upstream
+from tests.support.servers import Handler, Server, Upstream, event_stream
 
 trustme = pytest.importorskip("trustme")
 
@@ -40,12 +40,7 @@ def tls_streams(streams_factory, tls_upstream):
 def test_sse_over_https_streams_event_by_event(tls_streams, tls_upstream):
     path = f"/tls/{uuid.uuid4().hex}"
 
-    def route(h, s):
-        h.start_chunked(content_type="text/event-stream")
-        for i in range(3):
-            h.chunk(b"data: %d\n\n" % i)
-        h.end_chunked()
-    tls_upstream.route(path, route)
+    tls_upstream.route(path, event_stream(3))
     client = StreamClient(tls_streams.url, path, headers={"X-Test-Upstream": tls_upstream.tls_url})
     assert client.read_head() == 200
     assert client.read_rest() == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
@@ -55,14 +50,8 @@ def test_sse_over_https_streams_event_by_event(tls_streams, tls_upstream):
 def test_sse_over_https_whose_first_event_comes_after_a_pause(tls_streams, tls_upstream):
     path = f"/tls-late/{uuid.uuid4().hex}"
 
-    def route(h, s):
-        h.start_chunked(content_type="text/event-stream")
-        time.sleep(0.3)  # the relay starts with nothing read past the head
-        for i in range(2):
-            h.chunk(b"data: %d\n\n" % i)
-            time.sleep(0.05)
-        h.end_chunked()
-    tls_upstream.route(path, route)
+    # the relay starts with nothing read past the head
+    tls_upstream.route(path, event_stream(2, gap=0.05, before=lambda: time.sleep(0.3)))
     client = StreamClient(tls_streams.url, path, headers={"X-Test-Upstream": tls_upstream.tls_url})
     assert client.read_head() == 200
     assert client.read_rest() == [b"data: 0\n\n", b"data: 1\n\n"]

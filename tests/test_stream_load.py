@@ -6,7 +6,7 @@ import uuid
 
 from tests.support.client import StreamClient
 from tests.support.gunicorn import open_fds, rss_kib
-from tests.support.servers import RawServer, read_request_head
+from tests.support.servers import RawServer, event_stream, read_request_head
 
 MiB = 1024 * 1024
 
@@ -16,14 +16,8 @@ def test_hundreds_of_concurrent_streams_on_one_worker_each_get_every_event(strea
     prefix = f"/many/{uuid.uuid4().hex}"
     release = threading.Event()
 
-    def route(h, s):
-        h.start_chunked(content_type="text/event-stream")
-        release.wait(20)  # every stream is open at once before any event flows
-        for i in range(events):
-            h.chunk(b"data: %d\n\n" % i)
-            time.sleep(0.02)
-        h.end_chunked()
-    upstream.route(prefix, route)
+    # every stream is open at once before any event flows
+    upstream.route(prefix, event_stream(events, gap=0.02, before=lambda: release.wait(20)))
     results, errors = {}, []
 
     def consume(i):

@@ -117,6 +117,24 @@ def echo(handler: Handler, seen: Seen) -> None:
     }).encode(), content_type="application/json")
 
 
+def event_stream(count: int, *, gap: float = 0.0,
+                 before: Callable[[], object] | None = None) -> Callable[[Handler, Seen], None]:
+    """A route answering with events ``data: 0`` .. ``data: count-1``, one chunk each, ``gap`` s apart.
+
+    ``before`` runs after the head went out and before the first event.
+    """
+    def route(handler: Handler, seen: Seen) -> None:
+        handler.start_chunked(content_type="text/event-stream")
+        if before is not None:
+            before()
+        for i in range(count):
+            handler.chunk(b"data: %d\n\n" % i)
+            if gap:
+                time.sleep(gap)
+        handler.end_chunked()
+    return route
+
+
 class Upstream:
     """A programmable upstream: ``route(prefix, fn)``; unknown paths echo."""
 
