@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from tests.support.client import request
-from tests.support.servers import RawServer, free_port, read_request_head
+from tests.support.servers import RawServer, answering, free_port, read_request_head
 
 
 def unique(prefix="/e"):
@@ -120,41 +120,26 @@ def test_reset_before_head_is_502_upstream_unreachable(gateway):
     b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
 ])
 def test_malformed_head_is_502_bad_upstream_response(gateway, head):
-    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(head)))
-    try:
+    with answering(head) as server:
         assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "bad_upstream_response")
-    finally:
-        server.close()
 
 
 def test_body_shorter_than_its_content_length_is_502_bad_upstream_response(gateway):
-    server = RawServer(lambda conn: (read_request_head(conn),
-                                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this")))
-    try:
+    with answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this") as server:
         assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "bad_upstream_response")
-    finally:
-        server.close()
 
 
 def test_bad_chunk_framing_is_502_bad_upstream_response(gateway):
-    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")))
-    try:
+    with answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n") as server:
         assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "bad_upstream_response")
-    finally:
-        server.close()
 
 
 @pytest.mark.parametrize("header", [b"X-Folded: a\r\n b", b"X-Nul: a\x00b", b"X-Cr: a\rInjected: 1"])
 def test_upstream_header_with_cr_lf_or_nul_is_502(gateway, header):
-    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
-        b"HTTP/1.1 200 OK\r\n" + header + b"\r\nContent-Length: 2\r\n\r\nok")))
-    try:
+    with answering(b"HTTP/1.1 200 OK\r\n" + header + b"\r\nContent-Length: 2\r\n\r\nok") as server:
         reply = request(gateway.url, "GET", "/x", headers=via(server.url))
         assert_error(reply, 502, "bad_upstream_response")
         assert not any(k.lower() == "injected" for k, _ in reply.headers)
-    finally:
-        server.close()
 
 
 def test_body_read_silent_for_timeout_is_504(gateway):

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from tests.support.client import request
-from tests.support.servers import RawServer, read_request_head
+from tests.support.servers import RawServer, answering, read_request_head
 
 
 def via(server):
@@ -75,20 +75,12 @@ def test_a_drip_with_a_gap_longer_than_the_timeout_is_504(gateway):
 
 def test_transfer_encoding_other_than_chunked_is_read_to_the_close_not_by_length(gateway):
     body = b"0123456789-and-the-rest"
-    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 10\r\n\r\n" + body)))
-    try:
+    with answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 10\r\n\r\n" + body) as server:
         reply = request(gateway.url, "GET", "/te", headers=via(server))
         assert reply.status == 200 and reply.body == body
-    finally:
-        server.close()
 
 
 def test_upstream_interim_100_continue_is_skipped(gateway):
-    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")))
-    try:
+    with answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok") as server:
         reply = request(gateway.url, "POST", "/cont", body=b"x", headers=via(server))
         assert (reply.status, reply.body) == (201, b"ok")
-    finally:
-        server.close()

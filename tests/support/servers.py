@@ -11,7 +11,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 @dataclass
@@ -204,6 +205,16 @@ class RawServer:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+
+
+@contextmanager
+def answering(reply: bytes) -> Iterator[RawServer]:
+    """A raw upstream that reads each request head and answers with ``reply`` exactly as given."""
+    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(reply)))
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def read_request_head(conn: socket.socket, limit: int = 65536) -> bytes:
