@@ -5,12 +5,15 @@ per request header, response header and environ key, plus a strftime)
 before the format picks the few it shows; in a proxy that is a tenth of
 the CPU a request costs. The lines are the same: ``Atoms`` answers the
 format's keys exactly as gunicorn's atoms would, quotes escaped, ``-`` for
-what is missing. Loaded by the gunicorn master, so it imports nothing of
-gevent or urllib3.
+what is missing. Where the access log is gunicorn's own handler (stdout or a
+file, message only), a line is written to its stream directly: a LogRecord,
+caller lookup and handler chain per request cost as much again as the line.
+Loaded by the gunicorn master, so it imports nothing of gevent or urllib3.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import traceback
@@ -64,11 +67,12 @@ def _last(pairs: Any, name: str) -> Any:
 class Atoms(Mapping):
     """gunicorn's access-log atoms for one request, computed on demand."""
 
-    __slots__ = ("_logger", "_args")
+    __slots__ = ("_logger", "_args", "_lower_environ")
 
     def __init__(self, logger: Logger, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
         self._logger = logger
         self._args = (resp, req, environ, request_time)
+        self._lower_environ: dict | None = None
 
     def value(self, key: str) -> Any:
         """The atom unescaped, or None when there is none (as a JSON line wants it)."""
@@ -92,12 +96,18 @@ class Atoms(Mapping):
         name, kind = key[1:-2], key[-2:]
         if kind == "}e":
             found = environ.get(name, _MISSING)
-            return _last(environ, name) if found is _MISSING else found
+            return self._environ_any_case(name) if found is _MISSING else found
         if kind == "}i":
             return _last(getattr(req, "headers", req), name)
         if kind == "}o":
             return _last(resp.headers, name)
         return _MISSING
+
+    def _environ_any_case(self, name: str) -> Any:
+        """gunicorn lowercases every environ key: one walk serves all of a line's misses."""
+        if self._lower_environ is None:
+            self._lower_environ = {key.lower(): value for key, value in self._args[2].items()}
+        return self._lower_environ.get(name, _MISSING)
 
     def __iter__(self) -> Iterator[str]:
         return iter((*_ATOMS, "u"))
@@ -109,16 +119,54 @@ class Atoms(Mapping):
 class AccessLogger(Logger):
     """gunicorn's Logger, its access lines built from ``Atoms``."""
 
+    _judged: list[logging.Handler] | None = None  # the handler list the verdict below is for
+    _streams: list[logging.StreamHandler] | None = None  # those handlers, if a line may go straight to them
+
     def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
         if not self.access_log_enabled:
             return
         try:
-            self.access_log.info(self.line(Atoms(self, resp, req, environ, request_time)))
+            line = self.line(Atoms(self, resp, req, environ, request_time))
+            streams = self._plain_streams()
+            if streams is None:
+                self.access_log.info(line)
+            else:
+                _write(streams, line + "\n")
         except Exception:
             self.error(traceback.format_exc())
 
+    def _plain_streams(self) -> list[logging.StreamHandler] | None:
+        """gunicorn's own access handlers, when writing to their streams is all logging would do.
+
+        Judged again whenever the handler list changes (a config reload, a
+        handler added at run time). Anything else configured (logconfig,
+        syslog, a filter, another formatter or level) keeps the logging path.
+        """
+        log = self.access_log
+        if log.handlers != self._judged:
+            self._judged = list(log.handlers)
+            plain = self._judged and all(
+                type(h) in (logging.StreamHandler, logging.FileHandler) and getattr(h, "_gunicorn", False)
+                and not h.filters and h.level <= logging.INFO
+                and h.formatter is not None and h.formatter._fmt == self.access_fmt for h in self._judged)
+            self._streams = self._judged if plain else None
+        if log.filters or log.disabled or not log.isEnabledFor(logging.INFO):
+            return None
+        return self._streams
+
     def line(self, atoms: Atoms) -> str:
         return self.cfg.access_log_format % atoms
+
+
+def _write(handlers: list[logging.StreamHandler], text: str) -> None:
+    """What StreamHandler.emit does with a message-only format, under each handler's lock."""
+    for handler in handlers:
+        with handler.lock:
+            stream = handler.stream
+            if stream is None:  # a FileHandler closed and not yet reopened
+                stream = handler.stream = handler._open()
+            stream.write(text)
+            stream.flush()
 
 
 class JsonAccessLogger(AccessLogger):

@@ -1,6 +1,7 @@
 """forkproxy's access logger writes exactly the lines gunicorn's own Logger would."""
 import datetime
 import json
+import logging
 import types
 
 import pytest
@@ -66,3 +67,54 @@ def test_json_lines_carry_numbers_as_numbers_and_missing_values_as_null():
     assert record["upstream_status"] == 201 and record["retries"] == 0
     assert record["upstream_seconds"] is None and record["upstream"] is None
     assert record["user_agent"] == 'curl/8 "quoted"'  # json escapes it; no log-format escaping
+
+
+def _file_logger(tmp_path, monkeypatch, fmt="%(s)s %(r)s"):
+    """An access log to a file, with only gunicorn's handler on it (pytest adds its own)."""
+    cfg = Config()
+    cfg.set("accesslog", str(tmp_path / "access.log"))
+    cfg.set("access_log_format", fmt)
+    logger = AccessLogger(cfg)
+    log = logger.access_log
+    monkeypatch.setattr(log, "handlers", [h for h in log.handlers if getattr(h, "_gunicorn", False)])
+    monkeypatch.setattr(log, "filters", [])
+    return logger, tmp_path / "access.log"
+
+
+def test_lines_written_straight_to_the_access_file_match_the_logging_path(tmp_path, monkeypatch):
+    logger, path = _file_logger(tmp_path, monkeypatch)
+    logger.access(*_request())
+    assert logger._plain_streams() is not None  # the direct write was taken
+    logger.access_log.addFilter(lambda record: True)  # any filter sends lines through logging again
+    logger.access(*_request())
+    assert path.read_text().splitlines() == ['201 GET /v1/x?a=1 HTTP/1.1'] * 2
+
+
+def test_a_filter_on_the_access_log_is_obeyed(tmp_path, monkeypatch):
+    logger, path = _file_logger(tmp_path, monkeypatch)
+    logger.access(*_request())
+    logger.access_log.addFilter(lambda record: False)
+    logger.access(*_request())
+    assert path.read_text().splitlines() == ['201 GET /v1/x?a=1 HTTP/1.1']
+
+
+def test_a_handler_added_at_run_time_gets_every_line(tmp_path, monkeypatch):
+    logger, path = _file_logger(tmp_path, monkeypatch)
+    logger.access(*_request())
+    seen = []
+    extra = logging.Handler()
+    extra.emit = lambda record: seen.append(record.getMessage())
+    logger.access_log.addHandler(extra)
+    logger.access(*_request())
+    assert seen == ['201 GET /v1/x?a=1 HTTP/1.1']
+    assert path.read_text().splitlines() == ['201 GET /v1/x?a=1 HTTP/1.1'] * 2
+
+
+def test_a_reopened_access_file_gets_the_next_lines(tmp_path, monkeypatch):
+    logger, path = _file_logger(tmp_path, monkeypatch)
+    logger.access(*_request())
+    path.rename(tmp_path / "access.log.1")  # logrotate, then USR1
+    logger.reopen_files()
+    logger.access(*_request())
+    assert path.read_text().splitlines() == ['201 GET /v1/x?a=1 HTTP/1.1']
+    assert (tmp_path / "access.log.1").read_text().splitlines() == ['201 GET /v1/x?a=1 HTTP/1.1']
