@@ -1,6 +1,7 @@
 """The proxy the FORKPROXY_* variables describe (served by ``forkproxy.app``)."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping
 
@@ -21,11 +22,13 @@ class EnvProxy(Proxy):
     retry_backoff_ms = 100
 
     def retry_policy(self, req: Request) -> RetryPolicy:
-        return RetryPolicy(
-            max_attempts=self.retry_attempts,
-            base_backoff_ms=self.retry_backoff_ms,
-            retry_methods=IDEMPOTENT_METHODS,
-        )
+        return _idempotent_policy(self.retry_attempts, self.retry_backoff_ms)
+
+
+@functools.lru_cache(maxsize=16)
+def _idempotent_policy(attempts: int, backoff_ms: int) -> RetryPolicy:
+    """One policy per setting, not per request: the retry loop only reads it."""
+    return RetryPolicy(max_attempts=attempts, base_backoff_ms=backoff_ms, retry_methods=IDEMPOTENT_METHODS)
 
 
 def from_env(env: Mapping[str, str] = os.environ) -> EnvProxy:

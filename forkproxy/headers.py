@@ -37,6 +37,21 @@ def has_forbidden_chars(text: str) -> bool:
     return _FORBIDDEN.search(text) is not None
 
 
+def _store_is_grouped_by_lower_name() -> bool:
+    probe = HTTPHeaderDict()
+    probe.add("A", "1")
+    probe.add("a", "2")
+    return getattr(probe, "_container", None) == {"a": ["A", "1", "2"]}
+
+
+_GROUPED_STORE = _store_is_grouped_by_lower_name()  # urllib3 2.x; else its public methods are used
+
+
+def _store(headers: HTTPHeaderDict) -> dict[str, list[str]] | None:
+    """HTTPHeaderDict's own store: {lower-cased name: [name as first set, value, ...]}."""
+    return headers._container if type(headers) is HTTPHeaderDict and _GROUPED_STORE else None
+
+
 def fields(headers: HTTPHeaderDict) -> Iterable[tuple[str, list[str]]]:
     """(lower-cased name, [name as first set, value, value...]) per field, in order.
 
@@ -44,13 +59,66 @@ def fields(headers: HTTPHeaderDict) -> Iterable[tuple[str, list[str]]]:
     these rules run on every request, and its item views pay a lower() and a
     lookup per line. Any other mapping is read through ``items()``.
     """
-    store = getattr(headers, "_container", None)
-    if isinstance(store, dict):
+    store = _store(headers)
+    if store is not None:
         return store.items()
     grouped: dict[str, list[str]] = {}
     for name, value in headers.items():
         grouped.setdefault(name.lower(), [name]).append(value)
     return grouped.items()
+
+
+def getlist(headers: HTTPHeaderDict, name: str) -> list[str]:
+    """``headers.getlist(name)``, read from the store.
+
+    HTTPHeaderDict raises and catches a KeyError for every absent name, and
+    most names a request is asked about are absent.
+    """
+    store = _store(headers)
+    if store is None:
+        return headers.getlist(name)
+    found = store.get(name.lower())
+    return found[1:] if found else []
+
+
+def get(headers: HTTPHeaderDict, name: str, default: str | None = None) -> str | None:
+    """``headers.get(name, default)`` the same way: repeated lines joined by ", "."""
+    store = _store(headers)
+    if store is None:
+        return headers.get(name, default)
+    found = store.get(name.lower())
+    return ", ".join(found[1:]) if found else default
+
+
+def _pop(headers: HTTPHeaderDict, name: str) -> str | None:
+    """``headers.pop(name, None)`` the same way."""
+    store = _store(headers)
+    if store is None:
+        return headers.pop(name, None)
+    found = store.pop(name.lower(), None)
+    return ", ".join(found[1:]) if found else None
+
+
+def header_dict(pairs: Iterable[tuple[str, str]]) -> HTTPHeaderDict:
+    """``HTTPHeaderDict`` with ``add(name, value)`` for each pair, built in its store directly.
+
+    Every request builds two of these (the client's headers, the upstream's);
+    ``add`` spends four calls per line on checks that cannot fail here.
+    """
+    headers = HTTPHeaderDict()
+    store = _store(headers)
+    if store is None:
+        for name, value in pairs:
+            headers.add(name, value)
+        return headers
+    for name, value in pairs:
+        key = name.lower()
+        values = store.get(key)
+        if values is None:
+            store[key] = [name, value]
+        else:
+            values.append(value)
+    return headers
 
 
 def lines(headers: HTTPHeaderDict) -> list[tuple[str, str]]:
@@ -61,8 +129,8 @@ def lines(headers: HTTPHeaderDict) -> list[tuple[str, str]]:
 def connection_named(headers: HTTPHeaderDict) -> frozenset[str]:
     """Lower-cased names listed in the ``Connection`` header(s)."""
     names = set()
-    for value in headers.getlist("connection"):
-        names.update(token.strip().lower() for token in value.split(","))
+    for line in getlist(headers, "connection"):
+        names.update(token.strip().lower() for token in line.split(","))
     names.discard("")
     return frozenset(names)
 
@@ -91,19 +159,14 @@ def upstream_request_headers(
     disagree with what is really sent.
     """
     skip = _not_forwarded(headers) | _SET_TOWARDS_UPSTREAM
-    out = HTTPHeaderDict()
-    add = out.add
-    for lname, values in fields(headers):
-        if lname not in skip:
-            name = values[0]
-            for value in values[1:]:
-                add(name, value)
+    out = header_dict(
+        (values[0], value) for lname, values in fields(headers) if lname not in skip for value in values[1:])
     if client_addr:
-        chain = out.pop("x-forwarded-for", None)
+        chain = _pop(out, "x-forwarded-for")
         out["X-Forwarded-For"] = f"{chain}, {client_addr}" if chain else client_addr
     for name, own_view in (("X-Forwarded-Proto", proto), ("X-Forwarded-Host", host)):
         if not (peer_trusted and name in out):
-            out.pop(name, None)
+            _pop(out, name)
             if own_view:
                 out[name] = own_view
     return out

@@ -8,6 +8,7 @@ from urllib.parse import quote
 from urllib3 import HTTPHeaderDict
 
 from .errors import BadRequest, PayloadTooLarge
+from .headers import header_dict
 from .messages import Request
 from .urls import target_path
 
@@ -50,10 +51,7 @@ def _header_name(key: str) -> str:
 
 
 def headers_from_environ(environ: dict) -> HTTPHeaderDict:
-    headers = HTTPHeaderDict()
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            headers.add(_header_name(key), value)
+    headers = header_dict((_header_name(key), value) for key, value in environ.items() if key.startswith("HTTP_"))
     for key, name in (("CONTENT_TYPE", "Content-Type"), ("CONTENT_LENGTH", "Content-Length")):
         if environ.get(key):
             headers[name] = environ[key]

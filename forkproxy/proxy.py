@@ -131,7 +131,7 @@ class Proxy:
     # -- one request -------------------------------------------------------
 
     def _exchange(self, req: Request, refused: BadRequest | None) -> tuple[int, list, Iterable[bytes]]:
-        req.request_id = req.environ[ENV_REQUEST_ID] = request_id(req.headers.get(REQUEST_ID_HEADER))
+        req.request_id = req.environ[ENV_REQUEST_ID] = request_id(header_rules.get(req.headers, REQUEST_ID_HEADER))
         res = Response()
         ures = UpstreamResponse()
         close = False
@@ -205,7 +205,7 @@ class Proxy:
 
     def _upstream_request(self, req: Request) -> UpstreamRequest:
         environ = req.environ
-        host = req.headers.get("host") or environ.get("SERVER_NAME", "")
+        host = header_rules.get(req.headers, "host") or environ.get("SERVER_NAME", "")
         forwarded = header_rules.upstream_request_headers(
             req.headers,
             client_addr=req.remote_addr,

@@ -41,12 +41,12 @@ HEARTBEAT = b": keep-alive\n\n"
 
 
 def is_event_stream(headers: urllib3.HTTPHeaderDict) -> bool:
-    return headers.get("content-type", "").lower().startswith("text/event-stream")
+    return header_rules.get(headers, "content-type", "").lower().startswith("text/event-stream")
 
 
 def content_decoder(headers: urllib3.HTTPHeaderDict) -> MultiDecoder | None:
     """A decoder for the body's Content-Encoding; None when there is none, or one urllib3 cannot undo."""
-    codings = [c.strip().lower() for c in headers.get("content-encoding", "").split(",")]
+    codings = [c.strip().lower() for c in header_rules.get(headers, "content-encoding", "").split(",")]
     codings = [c for c in codings if c and c != "identity"]
     if not codings or not all(c in BaseHTTPResponse.CONTENT_DECODERS for c in codings):
         return None

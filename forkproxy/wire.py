@@ -19,7 +19,7 @@ from typing import BinaryIO, NamedTuple
 
 from urllib3 import HTTPHeaderDict
 
-from .headers import TOKEN, lines as header_lines
+from .headers import TOKEN, header_dict, getlist as header_getlist, lines as header_lines
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
@@ -145,11 +145,8 @@ def _read_whole_head(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict] | None:
     if len(pairs) != (fields.count("\r\n") + 1 if fields else 0) or len(pairs) > MAX_HEADERS:
         return None  # a line that is not a plain field: the line parser names it
     status = _status(first)
-    headers = HTTPHeaderDict()
-    for name, value in pairs:
-        headers.add(name, value)
     fp.read(end + 4)
-    return status, headers
+    return status, header_dict(pairs)
 
 
 def _read_head_by_lines(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict]:
@@ -178,11 +175,11 @@ class Framing(NamedTuple):
 
 def body_framing(method: str, status: StatusLine, headers: HTTPHeaderDict) -> Framing:
     """Chunked, a length, or to the close; a coding other than chunked is read to the close, never by length."""
-    codings = headers.getlist("transfer-encoding")
+    codings = header_getlist(headers, "transfer-encoding")
     chunked = bool(codings) and ",".join(codings).strip().lower() == "chunked"
-    tokens = {t.strip().lower() for v in headers.getlist("connection") for t in v.split(",")}
+    tokens = {t.strip().lower() for v in header_getlist(headers, "connection") for t in v.split(",")}
     will_close = "close" in tokens or (status.version == 10 and "keep-alive" not in tokens)
-    length = None if codings else content_length(headers.getlist("content-length"))
+    length = None if codings else content_length(header_getlist(headers, "content-length"))
     if status.status == 101:  # never asked for (upgrades are refused): nothing more can be read as HTTP
         return Framing(False, 0, True)
     if status.status in _NO_BODY_STATUSES or method == "HEAD":

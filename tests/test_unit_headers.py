@@ -3,7 +3,8 @@ import pytest
 from urllib3 import HTTPHeaderDict
 
 from forkproxy import Proxy
-from forkproxy.headers import (client_response_headers, connection_named, fields, first_forbidden,
+from forkproxy import headers as header_rules
+from forkproxy.headers import (client_response_headers, connection_named, fields, first_forbidden, header_dict,
                                upstream_request_headers, wants_upgrade)
 
 
@@ -95,3 +96,26 @@ def test_fields_read_any_mapping_as_they_read_a_header_dict():
     assert list(fields(HTTPHeaderDict(pairs))) == [("set-cookie", ["Set-Cookie", "a=1", "b=2"]),
                                                    ("x-one", ["X-One", "1"])]
     assert list(fields({"X-One": "1"})) == [("x-one", ["X-One", "1"])]
+
+
+def test_header_dict_is_what_add_builds_for_repeated_and_mixed_case_names():
+    pairs = [("Set-Cookie", "a=1"), ("X-One", "1"), ("set-cookie", "b=2"), ("SET-COOKIE", "c=3"), ("x-two", "")]
+    added = HTTPHeaderDict()
+    for name, value in pairs:
+        added.add(name, value)
+    built = header_dict(pairs)
+    assert list(built.items()) == list(added.items())
+    assert built.getlist("set-cookie") == ["a=1", "b=2", "c=3"] and built["X-ONE"] == "1"
+    assert list(built) == list(added) == ["Set-Cookie", "X-One", "x-two"]
+
+
+@pytest.mark.parametrize("name", ["X-Many", "x-many", "X-One", "x-absent", "Host"])
+def test_get_and_getlist_answer_as_http_header_dict_does(name):
+    headers = header_dict([("X-Many", "1"), ("x-many", "2"), ("X-One", ""), ("Host", "h")])
+    assert header_rules.getlist(headers, name) == headers.getlist(name)
+    assert header_rules.get(headers, name) == headers.get(name)
+    assert header_rules.get(headers, name, "dflt") == headers.get(name, "dflt")
+
+
+def test_get_falls_back_to_a_plain_mapping():
+    assert header_rules.get({"host": "h"}, "host") == "h" and header_rules.get({}, "host", "-") == "-"
