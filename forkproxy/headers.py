@@ -141,7 +141,7 @@ def _not_forwarded(headers: HTTPHeaderDict) -> frozenset[str]:
 
 
 def wants_upgrade(headers: HTTPHeaderDict) -> bool:
-    return "upgrade" in connection_named(headers) and "upgrade" in headers
+    return "upgrade" in headers and "upgrade" in connection_named(headers)  # most requests stop at the first test
 
 
 def upstream_request_headers(
