@@ -27,7 +27,8 @@ _TOKEN = re.compile(TOKEN)
 _UNSAFE = re.compile(r"[\r\0]")
 # Every line of a plain header block, each matched from its start (a line that
 # is not exactly one field leaves the count of matches short of the lines).
-_FIELD_LINES = re.compile(rf"^({TOKEN}):[ \t]*(.*?)[ \t]*\r\n", re.M)
+# Greedy to the line end (a lazy value costs twice as much); trailing SP/HTAB is cut after.
+_FIELD_LINES = re.compile(rf"^({TOKEN}):[ \t]*([^\r\n]*)\r\n", re.M)
 _NO_BODY_STATUSES = frozenset((204, 304))
 
 
@@ -141,9 +142,12 @@ def _read_whole_head(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict] | None:
         return None
     text = block.decode("latin-1")
     first, _, fields = text.partition("\r\n")
-    pairs = _FIELD_LINES.findall(fields + "\r\n") if fields else []
-    if len(pairs) != (fields.count("\r\n") + 1 if fields else 0) or len(pairs) > MAX_HEADERS:
+    lines = fields + "\r\n" if fields else ""
+    pairs = _FIELD_LINES.findall(lines)
+    if len(pairs) != lines.count("\r\n") or len(pairs) > MAX_HEADERS:
         return None  # a line that is not a plain field: the line parser names it
+    if " \r\n" in lines or "\t\r\n" in lines:
+        pairs = [(name, value.rstrip(" \t")) for name, value in pairs]
     status = _status(first)
     fp.read(end + 4)
     return status, header_dict(pairs)

@@ -1,7 +1,9 @@
 """Upstream connections are pooled per worker and kept alive."""
+import time
 import uuid
 
 from tests.support.client import request
+from tests.support.servers import RawServer, read_request_head
 
 
 def test_fifty_sequential_requests_share_one_upstream_connection(gateway, upstream):
@@ -31,3 +33,27 @@ def test_a_keep_alive_connection_the_upstream_dropped_while_idle_is_not_used_for
         assert request(gateway.url, "POST", f"{prefix}/{i}", body=b"once").status == 200
         time.sleep(0.1)
     assert [s.body for s in upstream.seen(prefix)] == [b"once"] * 3
+
+
+def test_bytes_an_upstream_sent_after_its_response_are_never_read_as_the_next_response(gateway):
+    """A pooled connection with unasked-for bytes waiting in it is not reused: they would answer the next request.
+
+    The stray reply is larger than the upstream reader's buffer, so part of it
+    is still in the socket when the connection goes back to the pool.
+    """
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 8192\r\n\r\n" + b"s" * 8192
+
+    def answer_then_stray(conn):
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst" + stray)
+        if read_request_head(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+    server = RawServer(answer_then_stray)
+    try:
+        for _ in range(3):
+            reply = request(gateway.url, "GET", "/x", headers={"X-Test-Upstream": server.url})
+            assert (reply.status, reply.body) == (200, b"first")
+            time.sleep(0.05)  # all of the stray reply has arrived before the next request
+        assert server.accepted == 3
+    finally:
+        server.close()

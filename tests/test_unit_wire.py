@@ -71,6 +71,20 @@ def test_a_head_larger_than_the_read_buffer_parses_the_same_line_by_line():
     assert _head(PLAIN, buffer=16) == _head(PLAIN)
 
 
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nX-T: \t v a l \t\r\nX-U:w\t\r\nX-V: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-T:v a l\r\nX-U: w \r\nX-V:\tx\r\n\r\n",
+])
+def test_spaces_and_tabs_around_values_are_cut_the_same_by_both_parsers(head):
+    one_pass, by_lines = _head(head), _head(head, buffer=16)
+    assert one_pass == by_lines
+    assert one_pass[1] == [("X-T", "v a l"), ("X-U", "w"), ("X-V", "x")]
+
+
+def test_a_head_with_no_fields_is_read_in_one_pass_too():
+    assert _head(b"HTTP/1.1 204 No Content\r\n\r\nnext") == (StatusLine(11, 204, "No Content"), [], b"next")
+
+
 def test_bare_lf_line_ends_are_accepted():
     status, pairs, rest = _head(b"HTTP/1.0 404 Not Found\nA: 1\nB:2\n\nbody")
     assert status == StatusLine(10, 404, "Not Found") and pairs == [("A", "1"), ("B", "2")] and rest == b"body"
