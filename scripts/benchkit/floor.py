@@ -7,12 +7,14 @@ the CPU of one 100-byte GET made three ways, alternating blocks of each:
 - ``urllib3 pool``: forkproxy's pool alone: checkout, liveness peek, Timeout,
   ``urlopen``'s retry loop, the head written and strictly parsed, body, release;
 - ``forkproxy call``: the whole WSGI call: request objects, header rules,
-  hooks, the pool, the reply headers.
+  hooks, the pool, the reply headers;
+- ``naive call`` and ``werkzeug call``: the peers' WSGI apps from the bench,
+  called the same way: app code only, no server.
 
-The minimum over blocks is printed (the least disturbed on a shared machine),
-beside the empty app's figure under gunicorn from ``scripts/bench``: what a
-target such as "twice a peer's requests/s" leaves for the proxy's own work
-can be read against these floors.
+The minimum over blocks is printed (the least disturbed on a shared machine).
+Under gunicorn every target also pays the server's own cost per request (the
+empty app's figure in ``scripts/bench``): what a target such as "twice a
+peer's requests/s" leaves for the proxy's own work can be read against these.
 """
 from gevent import monkey
 
@@ -70,11 +72,7 @@ def pool_exchange(port: int):
     return exchange
 
 
-def wsgi_call(port: int):
-    from forkproxy import Proxy
-
-    app = Proxy(f"http://127.0.0.1:{port}")
-
+def wsgi_call(app):
     def call() -> None:
         environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": PATH, "QUERY_STRING": "",
                    "RAW_URI": PATH, "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "127.0.0.1",
@@ -85,6 +83,16 @@ def wsgi_call(port: int):
         for _ in body:
             pass
     return call
+
+
+def peer_calls(port: int) -> dict:
+    from forkproxy import Proxy
+
+    os.environ["BENCH_UPSTREAM"] = f"http://127.0.0.1:{port}"
+    from scripts.benchkit import apps  # reads BENCH_UPSTREAM
+
+    return {"forkproxy call": wsgi_call(Proxy(f"http://127.0.0.1:{port}")), "naive call": wsgi_call(apps.naive),
+            "werkzeug call": wsgi_call(apps.werkzeug)}
 
 
 def cpu_per_call(fn, count: int) -> float:
@@ -105,8 +113,7 @@ def main() -> None:
     port = free_port()
     upstream = static_upstream(port, html)
     try:
-        ways = {"raw socket": RawClient(port), "urllib3 pool": pool_exchange(port),
-                "forkproxy call": wsgi_call(port)}
+        ways = {"raw socket": RawClient(port), "urllib3 pool": pool_exchange(port), **peer_calls(port)}
         for fn in ways.values():
             cpu_per_call(fn, 300)  # warm: connections made, code paths taken once
         best = {name: float("inf") for name in ways}
