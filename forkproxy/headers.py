@@ -126,18 +126,28 @@ def lines(headers: HTTPHeaderDict) -> list[tuple[str, str]]:
     return [(values[0], value) for _, values in fields(headers) for value in values[1:]]
 
 
+_NO_NAMES: frozenset[str] = frozenset()
+_CONNECTION_NAMES: dict[str, frozenset[str]] = {}  # "keep-alive" -> {"keep-alive"}: the same few values every time
+
+
 def connection_named(headers: HTTPHeaderDict) -> frozenset[str]:
     """Lower-cased names listed in the ``Connection`` header(s)."""
-    names = set()
-    for line in getlist(headers, "connection"):
-        names.update(token.strip().lower() for token in line.split(","))
-    names.discard("")
-    return frozenset(names)
+    lines = getlist(headers, "connection")
+    if not lines:
+        return _NO_NAMES
+    value = lines[0] if len(lines) == 1 else ",".join(lines)
+    names = _CONNECTION_NAMES.get(value)
+    if names is None:
+        if len(_CONNECTION_NAMES) >= 256:
+            _CONNECTION_NAMES.clear()
+        names = _CONNECTION_NAMES[value] = frozenset(t.strip().lower() for t in value.split(",")) - {""}
+    return names
 
 
 def _not_forwarded(headers: HTTPHeaderDict) -> frozenset[str]:
     """Hop-by-hop names plus every name the Connection header lists."""
-    return HOP_BY_HOP | connection_named(headers) if "connection" in headers else HOP_BY_HOP
+    names = connection_named(headers)
+    return HOP_BY_HOP if names <= HOP_BY_HOP else HOP_BY_HOP | names
 
 
 def wants_upgrade(headers: HTTPHeaderDict) -> bool:

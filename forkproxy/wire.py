@@ -19,7 +19,7 @@ from typing import BinaryIO, NamedTuple
 
 from urllib3 import HTTPHeaderDict
 
-from .headers import TOKEN, header_dict, getlist as header_getlist, lines as header_lines
+from .headers import TOKEN, connection_named, header_dict, getlist as header_getlist, lines as header_lines
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
@@ -181,7 +181,7 @@ def body_framing(method: str, status: StatusLine, headers: HTTPHeaderDict) -> Fr
     """Chunked, a length, or to the close; a coding other than chunked is read to the close, never by length."""
     codings = header_getlist(headers, "transfer-encoding")
     chunked = bool(codings) and ",".join(codings).strip().lower() == "chunked"
-    tokens = {t.strip().lower() for v in header_getlist(headers, "connection") for t in v.split(",")}
+    tokens = connection_named(headers)
     will_close = "close" in tokens or (status.version == 10 and "keep-alive" not in tokens)
     length = None if codings else content_length(header_getlist(headers, "content-length"))
     if status.status == 101:  # never asked for (upgrades are refused): nothing more can be read as HTTP
@@ -196,9 +196,14 @@ def body_framing(method: str, status: StatusLine, headers: HTTPHeaderDict) -> Fr
 
 
 def content_length(values: list[str]) -> int | None:
+    """One length, however often repeated; anything else is an error (RFC 9110 section 8.6)."""
     if not values:
         return None
-    lengths = {v.strip() for value in values for v in value.split(",")}
-    if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+    if len(values) == 1 and "," not in values[0]:
+        lengths = {values[0].strip()}
+    else:
+        lengths = {v.strip() for value in values for v in value.split(",")}
+    length = next(iter(lengths))
+    if len(lengths) != 1 or not (length.isascii() and length.isdigit()):  # "\xb2".isdigit() is true
         raise HTTPException(f"malformed or conflicting Content-Length: {values!r}")
-    return int(lengths.pop())
+    return int(length)

@@ -115,6 +115,7 @@ def test_reset_before_head_is_502_upstream_unreachable(gateway):
     b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",  # ambiguous length
     b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nhello",  # a latin-1 digit Python calls a digit
     b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",  # a space inside a name
     b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n",
     b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
