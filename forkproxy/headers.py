@@ -132,10 +132,10 @@ _CONNECTION_NAMES: dict[str, frozenset[str]] = {}  # "keep-alive" -> {"keep-aliv
 
 def connection_named(headers: HTTPHeaderDict) -> frozenset[str]:
     """Lower-cased names listed in the ``Connection`` header(s)."""
-    lines = getlist(headers, "connection")
-    if not lines:
+    given = getlist(headers, "connection")
+    if not given:
         return _NO_NAMES
-    value = lines[0] if len(lines) == 1 else ",".join(lines)
+    value = given[0] if len(given) == 1 else ",".join(given)
     names = _CONNECTION_NAMES.get(value)
     if names is None:
         if len(_CONNECTION_NAMES) >= 256:
