@@ -5,6 +5,7 @@ header names, describe one transport link and must not travel further.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable
 
@@ -25,7 +26,7 @@ _SET_BY_SERVER = frozenset(("date", "server"))
 _FORBIDDEN = re.compile("[\r\n\0\u0100-\U0010ffff]")
 # A field name (RFC 9110 section 5.6.2), for every check of names in either direction.
 TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_TOKEN = re.compile(TOKEN)
+TOKEN_RE = re.compile(TOKEN)
 
 
 def is_hop_by_hop(name: str) -> bool:
@@ -126,22 +127,14 @@ def lines(headers: HTTPHeaderDict) -> list[tuple[str, str]]:
     return [(values[0], value) for _, values in fields(headers) for value in values[1:]]
 
 
-_NO_NAMES: frozenset[str] = frozenset()
-_CONNECTION_NAMES: dict[str, frozenset[str]] = {}  # "keep-alive" -> {"keep-alive"}: the same few values every time
-
-
 def connection_named(headers: HTTPHeaderDict) -> frozenset[str]:
     """Lower-cased names listed in the ``Connection`` header(s)."""
-    given = getlist(headers, "connection")
-    if not given:
-        return _NO_NAMES
-    value = given[0] if len(given) == 1 else ",".join(given)
-    names = _CONNECTION_NAMES.get(value)
-    if names is None:
-        if len(_CONNECTION_NAMES) >= 256:
-            _CONNECTION_NAMES.clear()
-        names = _CONNECTION_NAMES[value] = frozenset(t.strip().lower() for t in value.split(",")) - {""}
-    return names
+    return _names_in(",".join(getlist(headers, "connection")))
+
+
+@functools.lru_cache(maxsize=256)  # "keep-alive", "close", "": the same few values every time
+def _names_in(value: str) -> frozenset[str]:
+    return frozenset(token.strip().lower() for token in value.split(",")) - {""}
 
 
 def _not_forwarded(headers: HTTPHeaderDict) -> frozenset[str]:
@@ -207,7 +200,7 @@ FORBIDDEN_WHY = "a name that is not a token, or CR, LF, NUL or a non-latin-1 cha
 
 def first_forbidden(pairs: Iterable[tuple[str, str]]) -> str | None:
     """The first header name with ``FORBIDDEN_WHY``, or None."""
-    search, token = _FORBIDDEN.search, _TOKEN.fullmatch
+    search, token = _FORBIDDEN.search, TOKEN_RE.fullmatch
     for name, value in pairs:
         if search(value) or not token(name):
             return name

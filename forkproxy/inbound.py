@@ -1,8 +1,9 @@
 """Reading the client's request out of a WSGI environ."""
 from __future__ import annotations
 
-import re
+import functools
 import os
+import re
 from urllib.parse import quote
 
 from urllib3 import HTTPHeaderDict
@@ -38,16 +39,10 @@ def request_target(environ: dict) -> str:
     return f"{path}?{query}" if query else path
 
 
-_NAMES: dict[str, str] = {}  # HTTP_X_API_KEY -> X-Api-Key, remembered: the same few names come every time
-
-
+@functools.lru_cache(maxsize=1024)  # the same few names come every time
 def _header_name(key: str) -> str:
-    name = _NAMES.get(key)
-    if name is None:
-        if len(_NAMES) > 1024:
-            _NAMES.clear()
-        name = _NAMES[key] = key[5:].replace("_", "-").title()
-    return name
+    """HTTP_X_API_KEY -> X-Api-Key."""
+    return key[5:].replace("_", "-").title()
 
 
 def headers_from_environ(environ: dict) -> HTTPHeaderDict:

@@ -7,6 +7,7 @@ a ``ProxyError`` turned into the contract's JSON in one place.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from http import HTTPStatus
@@ -224,12 +225,7 @@ class Proxy:
             raise HookError(f"pick_upstream gave an unusable upstream: {exc}") from None
 
     def _timeout(self) -> urllib3.Timeout:
-        """Made once per setting values (urllib3 clones it per request)."""
-        key = (self.connect_timeout, self.timeout)
-        cached = self.__dict__.get("_timeout_cache")
-        if cached is None or cached[0] != key:
-            cached = self._timeout_cache = (key, urllib3.Timeout(connect=min(key), read=self.timeout))
-        return cached[1]
+        return _urllib3_timeout(self.connect_timeout, self.timeout)
 
     def _client_headers(self, req: Request, res: Response, *, hook_made: bool) -> list[tuple[str, str]]:
         """WSGI headers for ``res``; Content-Length is the body's, except
@@ -248,6 +244,12 @@ class Proxy:
             pairs.append(("Content-Length", str(len(res.body))))
         pairs.append((REQUEST_ID_HEADER, req.request_id))
         return pairs
+
+
+@functools.lru_cache(maxsize=16)
+def _urllib3_timeout(connect: float, read: float) -> urllib3.Timeout:
+    """One per pair of settings, not per request (urllib3 clones it per request)."""
+    return urllib3.Timeout(connect=min(connect, read), read=read)
 
 
 def _call(hook: Callable, *args: Any) -> Any:

@@ -1,6 +1,7 @@
 """Which peers may vouch for X-Forwarded-Proto and X-Forwarded-Host."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterable
 
@@ -22,15 +23,11 @@ class TrustedProxies:
         self._networks: tuple[_Network, ...] = tuple(
             ipaddress.ip_network(e, strict=False) for e in self.entries if e != "*"
         )
-        self._verdicts: dict[str, bool] = {}  # peers are few (the nginx in front): remember each
+        # Peers are few (the nginx in front): each is judged once.
+        self._verdict = functools.lru_cache(maxsize=4096)(self._judge)
 
     def __contains__(self, addr: str) -> bool:
-        verdict = self._verdicts.get(addr)
-        if verdict is None:
-            if len(self._verdicts) > 4096:
-                self._verdicts.clear()
-            verdict = self._verdicts[addr] = self._judge(addr)
-        return verdict
+        return self._verdict(addr)
 
     def _judge(self, addr: str) -> bool:
         if self.trust_all:

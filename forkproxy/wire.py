@@ -8,8 +8,9 @@ HTTPException, which forkproxy reports as 502 bad_upstream_response. (The
 email parser behind http.client would split a line at a bare CR, turning
 ``X: a\\rInjected: 1`` into two headers.)
 
-The parsers here work on lines; the only I/O is ``readline`` on the reader
-handed in, so they are tested without sockets.
+The parsers here work on bytes; the only I/O is reading (``peek``, ``read``,
+``readline``) from the buffered reader handed in, so they are tested
+without sockets.
 """
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ from typing import BinaryIO, NamedTuple
 
 from urllib3 import HTTPHeaderDict
 
-from .headers import TOKEN, connection_named, header_dict, getlist as header_getlist, lines as header_lines
+from .headers import TOKEN, TOKEN_RE, connection_named, header_dict, getlist as header_getlist, lines as header_lines
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
-_TOKEN = re.compile(TOKEN)
 _UNSAFE = re.compile(r"[\r\0]")
 # Every line of a plain header block, each matched from its start (a line that
 # is not exactly one field leaves the count of matches short of the lines).
@@ -113,7 +113,7 @@ def _field(text: str) -> tuple[str, str]:
     if text[:1] in (" ", "\t"):
         raise HTTPException("obs-fold (a folded header line) in the response head")
     name, colon, value = text.partition(":")
-    if not colon or not _TOKEN.fullmatch(name):
+    if not colon or not TOKEN_RE.fullmatch(name):
         raise HTTPException(f"malformed response header line: {text[:100]!r}")
     return name, value.strip(" \t")
 
@@ -199,10 +199,7 @@ def content_length(values: list[str]) -> int | None:
     """One length, however often repeated; anything else is an error (RFC 9110 section 8.6)."""
     if not values:
         return None
-    if len(values) == 1 and "," not in values[0]:
-        lengths = {values[0].strip()}
-    else:
-        lengths = {v.strip() for value in values for v in value.split(",")}
+    lengths = {v.strip() for value in values for v in value.split(",")}
     length = next(iter(lengths))
     if len(lengths) != 1 or not (length.isascii() and length.isdigit()):  # "\xb2".isdigit() is true
         raise HTTPException(f"malformed or conflicting Content-Length: {values!r}")
