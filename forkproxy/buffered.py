@@ -6,8 +6,6 @@ from .reply import UpstreamReply
 from .upstream import body_error
 from .urls import Upstream
 
-_READ_SIZE = 64 * 1024
-
 
 def read_body(reply: UpstreamReply, cap: int, upstream: Upstream) -> bytes:
     """The body as sent (still encoded), or a ProxyError.
@@ -34,7 +32,7 @@ def _read_capped(reply: UpstreamReply, cap: int) -> bytes:
         if cap and declared > cap:
             raise UpstreamBodyTooLarge(cap)
         return reply.read_sized()
-    pieces, parts, size = reply.pieces(_READ_SIZE), [], 0
+    pieces, parts, size = reply.pieces(), [], 0
     while (got := pieces()) is not None:
         for part in got:
             size += len(part)

@@ -26,6 +26,7 @@ Pieces = Callable[[], "list[bytes] | None"]
 
 _DRAIN_LIMIT = 64 * 1024
 READ_BUFFER = 2048  # the reader's buffer: the head is read through it; larger body reads bypass it
+BODY_READ = 64 * 1024  # the most one read of a body asks for
 
 
 class UpstreamReply:
@@ -76,7 +77,7 @@ class UpstreamReply:
         self._done = True
         return data
 
-    def pieces(self, size: int, *, waiting: bool = False) -> Pieces:
+    def pieces(self, size: int = BODY_READ, *, waiting: bool = False) -> Pieces:
         """The body as a function giving the bytes of one read of at most ``size``.
 
         ``waiting`` is for bodies that mostly wait (streams): the wait happens

@@ -23,7 +23,6 @@ from . import headers as header_rules
 from .inbound import REQUEST_ID_HEADER
 from .messages import Request, StreamStats, StreamWriter, describe
 from .metrics import metrics
-from .chunked import Dechunker
 from .sse import EventFramer, EventTooLarge
 from .reply import UpstreamReply
 from .upstream import body_error
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forkproxy")
 
-_READ_SIZE = 64 * 1024
 # An SSE comment line: ignored by every client, but it crosses the network,
 # so intermediaries keep an idle stream open and a gone client shows.
 HEARTBEAT = b": keep-alive\n\n"
@@ -195,7 +193,7 @@ class StreamRelay:
         A compressed event stream is decoded here, piece by piece, so the
         framer and the hooks see its events.
         """
-        pieces, decoder = self.resp.pieces(_READ_SIZE, waiting=self.sse), self.decoder
+        pieces, decoder = self.resp.pieces(waiting=self.sse), self.decoder
         if decoder is None:
             return pieces
 
