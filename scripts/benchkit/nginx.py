@@ -50,11 +50,16 @@ class NginxProcess:
         return [self.proc.pid, *map(int, out.split())]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, signal.SIGQUIT)  # nginx's graceful stop
         shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+def stop_group(proc: subprocess.Popen, first: int) -> None:
+    """Send ``first`` to a process group started with start_new_session; kill it if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, first)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

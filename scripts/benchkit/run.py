@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.benchkit.nginx import NginxProcess
+from scripts.benchkit.nginx import NginxProcess, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 CLK = os.sysconf("SC_CLK_TCK")
@@ -102,13 +102,8 @@ class Process:
         return tree(self.proc.pid) if self.proc else []
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc:
+            stop_group(self.proc, signal.SIGTERM)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ import time
 
 from scripts.benchkit.nginx import BINARY, NginxProcess
 from tests.support.gunicorn import REPO
+from tests.support.servers import free_port
 
 SITE = REPO / "deploy" / "nginx" / "forkproxy.conf"
 NGINX = BINARY
@@ -16,9 +17,7 @@ class Nginx(NginxProcess):
     """nginx on 127.0.0.1:<port> with the shipped site, its upstream pointed at ``server``."""
 
     def __init__(self, server: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         site = SITE.read_text()
         site = re.sub(r"^(\s*)server 127\.0\.0\.1:8080;", rf"\1server {server};", site, flags=re.M)
