@@ -7,7 +7,8 @@
 - the real upstream key is swapped in, so clients never hold it;
 - requests are routed by model: LLM_ROUTES="gpt-=https://api.openai.com,llama=http://10.0.0.5:8000"
   (model-name prefix = upstream; anything else goes to LLM_UPSTREAM);
-- 429/502/503 are retried with backoff before any byte reaches the client;
+- 429/503 ("not processed") are retried with backoff before any byte reaches the client; a
+  completion that may have been generated (reset or timeout after sending) is never sent twice;
 - every request writes one JSON line to LLM_USAGE_LOG (default: stderr) with the model,
   the client, the completion events streamed and the usage block, even when the
   client hung up mid-stream.
@@ -64,7 +65,11 @@ class LLMGateway(Proxy):
         return isinstance(body, dict) and body.get("stream") is True
 
     def retry_policy(self, req):
-        return RetryPolicy(max_attempts=3, base_backoff_ms=250, retry_on_status=(429, 502, 503), jitter=True)
+        # 429 and 503 say the upstream did not process the request: safe to send again. A reset
+        # or a read timeout after the body went out may follow a completion that was generated
+        # and billed, so those are retried for idempotent methods only, never for this POST;
+        # a 502 from the upstream says nothing about that either, so it is not listed.
+        return RetryPolicy(max_attempts=3, base_backoff_ms=250, retry_on_status=(429, 503), jitter=True)
 
     # -- the stream ------------------------------------------------------------
 

@@ -19,6 +19,10 @@ DEFAULTS: dict[str, Any] = {
     "ca_certs": None,
     "trusted_proxies": None,
     "pool_maxsize": 256,
+    # Below the keep-alive timeouts upstream servers commonly close idle connections after
+    # (Node.js and uvicorn: 5 s), so a pooled connection is dropped by us before it can be
+    # closed under a request; gunicorn's 2 s is covered by the retry on a fresh connection.
+    "pool_idle_timeout": 4.0,
 }
 
 
@@ -26,14 +30,21 @@ class ConfigError(ValueError):
     """A setting with a value forkproxy cannot run with; the message is one line."""
 
 
-def _number(kind: Callable[[str], Any]) -> Callable[[str, Any], Any]:
+def _number(kind: Callable[[Any], Any], *, minimum: float = 0, above: bool = False,
+            meaning: str = "") -> Callable[[str, Any], Any]:
+    """A check for a finite number of ``kind`` that is at least ``minimum`` (or above it)."""
+    bound = f"above {minimum:g}" if above else f"at least {minimum:g}"
+    why = f"must be {bound}{meaning}"
+
     def check(name: str, value: Any) -> Any:
         try:
             number = kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{name}: not a number: {value!r}") from None
-        if number != number or number < 0:  # NaN or negative
-            raise ConfigError(f"{name}: must not be negative: {value!r}")
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}: must be a finite number: {value!r}")
+        if number < minimum or (above and number == minimum):
+            raise ConfigError(f"{name}: {why}: {value!r}")
         return number
     return check
 
@@ -66,17 +77,19 @@ def _ca_certs(name: str, value: Any) -> str | None:
     return str(value)
 
 
+_OFF = " (0 turns it off)"
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "upstream": _upstream,
-    "timeout": _number(float),
-    "connect_timeout": _number(float),
-    "max_request_body_bytes": _number(_whole),
-    "max_response_body_bytes": _number(_whole),
-    "stream_idle_timeout": _number(float),
-    "max_event_bytes": _number(_whole),
-    "sse_heartbeat_secs": _number(float),
+    "timeout": _number(float, above=True),
+    "connect_timeout": _number(float, above=True),
+    "max_request_body_bytes": _number(_whole, meaning=_OFF),
+    "max_response_body_bytes": _number(_whole, meaning=_OFF),
+    "stream_idle_timeout": _number(float, meaning=_OFF),
+    "max_event_bytes": _number(_whole, minimum=1),
+    "sse_heartbeat_secs": _number(float, meaning=_OFF),
     "ca_certs": _ca_certs,
-    "pool_maxsize": _number(_whole),
+    "pool_maxsize": _number(_whole, minimum=1),
+    "pool_idle_timeout": _number(float, above=True),
 }
 
 
@@ -104,6 +117,7 @@ ENVIRONMENT = {
     "FORKPROXY_MAX_EVENT_BYTES": "max_event_bytes",
     "FORKPROXY_SSE_HEARTBEAT_SECS": "sse_heartbeat_secs",
     "FORKPROXY_CA_CERTS": "ca_certs",
+    "FORKPROXY_POOL_IDLE_TIMEOUT": "pool_idle_timeout",
 }
 RETRY_ENVIRONMENT = {"FORKPROXY_RETRY_ATTEMPTS": 1, "FORKPROXY_RETRY_BACKOFF_MS": 100}
 
@@ -117,11 +131,12 @@ def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return settings
 
 
+_RETRY_CHECKS = {"FORKPROXY_RETRY_ATTEMPTS": _number(_whole, minimum=1), "FORKPROXY_RETRY_BACKOFF_MS": _number(_whole)}
+
+
 def retry_from_env(env: Mapping[str, str]) -> tuple[int, int]:
     """(attempts, backoff ms) for the ready-made app's idempotent retries."""
     attempts, backoff = (
-        _number(_whole)(var, env.get(var) or default) for var, default in RETRY_ENVIRONMENT.items()
+        _RETRY_CHECKS[var](var, env.get(var) or default) for var, default in RETRY_ENVIRONMENT.items()
     )
-    if attempts < 1:
-        raise ConfigError(f"FORKPROXY_RETRY_ATTEMPTS: must be at least 1: {env.get('FORKPROXY_RETRY_ATTEMPTS')!r}")
     return attempts, backoff

@@ -18,6 +18,15 @@ HOP_BY_HOP = frozenset((
 
 # Set by forkproxy itself on the way to the upstream.
 _SET_TOWARDS_UPSTREAM = frozenset(("host", "content-length", "expect"))
+# What forkproxy alone sets towards the upstream: whatever a hook put there is dropped
+# once the hooks have run (Go's ReverseProxy strips hop-by-hop fields after its Director
+# for the same reason): a hook's copy of the client's Transfer-Encoding beside
+# forkproxy's Content-Length would desync the pooled connection.
+_FORKPROXYS_OWN = HOP_BY_HOP | _SET_TOWARDS_UPSTREAM
+# forkproxy sets these itself, after reading the client's Connection header: no
+# Connection header can name them away.
+_NOT_NAMED_AWAY = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip",
+                             "forwarded", "x-request-id"))
 # Set by the server (gunicorn) on every reply: the upstream's would be a second
 # copy of a single-valued header. nginx drops the same two by default.
 _SET_BY_SERVER = frozenset(("date", "server"))
@@ -167,12 +176,28 @@ def upstream_request_headers(
     if client_addr:
         chain = _pop(out, "x-forwarded-for")
         out["X-Forwarded-For"] = f"{chain}, {client_addr}" if chain else client_addr
-    for name, own_view in (("X-Forwarded-Proto", proto), ("X-Forwarded-Host", host)):
+    if not peer_trusted:
+        _pop(out, "forwarded")  # RFC 7239's for/proto/host: only a trusted proxy may vouch for them
+    for name, own_view in (("X-Forwarded-Proto", proto), ("X-Forwarded-Host", host), ("X-Real-IP", client_addr)):
         if not (peer_trusted and name in out):
             _pop(out, name)
             if own_view:
                 out[name] = own_view
     return out
+
+
+def drop_framing_set_by_hooks(headers: HTTPHeaderDict) -> None:
+    """Remove, in place, the hop-by-hop and framing fields a hook may have put in ``headers``.
+
+    Without a hook that touched them the names share nothing with
+    forkproxy's own, and one set test is all this costs.
+    """
+    store = _store(headers)
+    names = store.keys() if store is not None else {name.lower() for name in headers}
+    if names.isdisjoint(_FORKPROXYS_OWN):
+        return
+    for name in (_not_forwarded(headers) - _NOT_NAMED_AWAY) | _SET_TOWARDS_UPSTREAM:
+        _pop(headers, name)
 
 
 def client_response_headers(

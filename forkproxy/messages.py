@@ -11,7 +11,14 @@ from .errors import ProxyError
 
 
 def _as_bytes(data: bytes | str) -> bytes:
-    return data.encode("utf-8") if isinstance(data, str) else data
+    """Body bytes; a str is UTF-8. Anything else is refused where it is set (in the hook that set it)."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"a body must be bytes or str, not {type(data).__name__}")
 
 
 class Request:
@@ -111,15 +118,18 @@ class UpstreamResponse:
         body: bytes = b"",
         error: ProxyError | None = None,
         attempts: int = 0,
+        upstream: str = "",
     ) -> None:
         self.status = status
         self.headers = headers if headers is not None else HTTPHeaderDict()
         self.body = body
         self.error = error
         self.attempts = attempts
+        self.upstream = upstream  # origin of the upstream that answered or was tried last
 
     def __repr__(self) -> str:
-        return f"<UpstreamResponse {self.status} attempts={self.attempts} error={self.error!r}>"
+        return (f"<UpstreamResponse {self.status} from {self.upstream or '-'} attempts={self.attempts} "
+                f"error={self.error!r}>")
 
 
 class StreamStats:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import errno
 import select
 import socket
-from ssl import SSLError as BaseSSLError
+import time
+from http.client import RemoteDisconnected
+from ssl import SSLEOFError, SSLError as BaseSSLError
 from typing import Any
 
 from gevent.monkey import get_original
@@ -24,7 +26,8 @@ from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.timeout import Timeout
 
 from .reply import READ_BUFFER, UpstreamReply
-from .wire import HeaderBlock, body_framing, host_header, read_head, request_head
+from .retry import IDEMPOTENT_METHODS
+from .wire import RequestHead, body_framing, host_header, read_head
 
 _os_poll = get_original("select", "poll")
 _JOIN_BODY_BELOW = 16 * 1024  # smaller bodies go out in the same write as the head
@@ -62,37 +65,59 @@ class ProxyConnection(_Alive, HTTPConnection):
 class _Exchange:
     """``_make_request`` for a pool: one request out, one response head in."""
 
-    def __init__(self, host: str, port: int | None = None, **kw: Any) -> None:
+    def __init__(self, host: str, port: int | None = None, *, idle_timeout: float = 4.0, **kw: Any) -> None:
         super().__init__(host, port, **kw)
         default_port = port_by_scheme[self.scheme]
         self.host_header = host_header(_ascii_host(self.host), self.port or default_port, default_port)
+        self.idle_timeout = idle_timeout
+
+    # -- idle connections: dropped before the upstream's keep-alive timeout can close them under a request
+
+    def _get_conn(self, timeout: float | None = None) -> HTTPConnection:
+        conn = super()._get_conn(timeout)
+        if conn.sock is not None and time.monotonic() - getattr(conn, "idle_since", 0.0) > self.idle_timeout:
+            conn.close()  # reconnected by the exchange
+        return conn
+
+    def _put_conn(self, conn: HTTPConnection | None) -> None:
+        if conn is not None:
+            conn.idle_since = time.monotonic()
+        super()._put_conn(conn)
 
     def _make_request(self, conn: HTTPConnection, method: str, url: str, body: bytes | None = None,
-                      headers: HeaderBlock | None = None, retries: Any = None, timeout: Any = None,
+                      headers: RequestHead | None = None, retries: Any = None, timeout: Any = None,
                       **_response_kw: Any) -> UpstreamReply:
+        """One exchange; once more on a fresh connection when a reused one closed unanswered.
+
+        An upstream may close an idle keep-alive connection just as a request
+        goes out on it. When no byte of a response arrived, the request is
+        sent again on a new connection if that is safe (an idempotent method,
+        or nothing of the body sent yet: Go's Transport rule), and that is not
+        an attempt of the retry policy.
+        """
         self.num_requests += 1
+        reused = conn.sock is not None
+        try:
+            return self._exchange(conn, method, url, body, headers, timeout)
+        except _Unanswered as unanswered:
+            if not reused or not (method in IDEMPOTENT_METHODS or unanswered.body_unsent):
+                raise unanswered.error from None
+        conn.close()
+        return self._exchange(conn, method, url, body, headers, timeout)
+
+    def _exchange(self, conn: HTTPConnection, method: str, url: str, body: bytes | None,
+                  head: RequestHead, timeout: Timeout) -> UpstreamReply:
         connect_timeout = Timeout.resolve_default_timeout(timeout.connect_timeout)
         conn.timeout = connect_timeout
         self._connect(conn, url)
         sock = conn.sock
         sock.settimeout(connect_timeout)  # a reused connection still has its last read's timeout
-        head = request_head(method, url, headers)
-        try:
-            if body and len(body) < _JOIN_BODY_BELOW:
-                sock.sendall(head + body)
-            else:
-                sock.sendall(head)
-                if body:
-                    sock.sendall(body)
-        except BrokenPipeError:
-            pass  # the upstream may have answered before it stopped reading: read its answer
-        except OSError as exc:
-            if exc.errno not in _SEND_ERRNOS_TO_READ_PAST:
-                raise
+        body_unsent = _send(sock, head.data, body)  # the target as received, not urlopen's ``url``
         read_timeout = timeout.read_timeout
         sock.settimeout(read_timeout)
         fp = sock.makefile("rb", READ_BUFFER)
         try:
+            _first_byte(fp, body_unsent)
             status, reply_headers = read_head(fp)
             framing = body_framing(method, status, reply_headers)
         except BaseException as exc:
@@ -114,6 +139,50 @@ class _Exchange:
                 raise
         except (BaseSSLError, CertificateError) as exc:
             raise SSLError(exc) from exc
+
+
+def _send(sock: socket.socket, head: bytes, body: bytes | None) -> bool:
+    """Write the request; True when it failed before any byte of its body (or all of it) went out.
+
+    A failed write is not the end: the upstream may have answered before it
+    stopped reading, so its answer is read all the same.
+    """
+    body_unsent = True
+    try:
+        if body and len(body) < _JOIN_BODY_BELOW:
+            body_unsent = False  # one write: no telling how much of it left
+            sock.sendall(head + body)
+        else:
+            sock.sendall(head)
+            body_unsent = False
+            if body:
+                sock.sendall(body)
+    except BrokenPipeError:
+        pass
+    except OSError as exc:
+        if exc.errno not in _SEND_ERRNOS_TO_READ_PAST:
+            raise
+    return body_unsent
+
+
+def _first_byte(fp: Any, body_unsent: bool) -> None:
+    """Wait for the response to begin; ``_Unanswered`` when the connection ended first."""
+    try:
+        if fp.peek(1):
+            return
+        error: Exception = RemoteDisconnected("upstream closed the connection without a response")
+    except (ConnectionError, SSLEOFError) as exc:
+        error = exc
+    raise _Unanswered(error, body_unsent)
+
+
+class _Unanswered(Exception):
+    """The connection closed or reset before any byte of a response; ``error`` says how."""
+
+    def __init__(self, error: Exception, body_unsent: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.body_unsent = body_unsent
 
 
 class ProxyPool(_Exchange, HTTPConnectionPool):

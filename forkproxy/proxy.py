@@ -51,8 +51,16 @@ class Proxy:
     plain functions with ``@proxy.hook``. Settings are plain attributes.
     """
 
-    def __init__(self, upstream: str, **settings: Any) -> None:
-        checked = check_settings({"upstream": upstream, **settings})
+    upstream: str | None = None
+
+    def __init__(self, upstream: str | None = None, **settings: Any) -> None:
+        """Settings given as class attributes of a subclass are its defaults; keywords override them."""
+        cls = type(self)
+        given = {name: getattr(cls, name) for name in ("upstream", *DEFAULTS) if hasattr(cls, name)}
+        given.update(settings)
+        if upstream is not None:
+            given["upstream"] = upstream
+        checked = check_settings(given)
         for name, default in DEFAULTS.items():
             setattr(self, name, checked.get(name, default))
         self.upstream = checked["upstream"]
@@ -118,7 +126,8 @@ class Proxy:
     @property
     def transport(self) -> Transport:
         if self._transport is None:
-            self._transport = Transport(pool_maxsize=self.pool_maxsize, ca_certs=self.ca_certs)
+            self._transport = Transport(pool_maxsize=self.pool_maxsize, ca_certs=self.ca_certs,
+                                        idle_timeout=self.pool_idle_timeout)
         return self._transport
 
     def trusted(self) -> TrustedProxies:
@@ -263,6 +272,9 @@ def _call(hook: Callable, *args: Any) -> Any:
 
 
 def _check_upstream_request(ureq: UpstreamRequest) -> None:
+    """What a hook may have set must not let one request smuggle another (or break the framing)."""
+    if not isinstance(ureq.method, str) or not header_rules.TOKEN_RE.fullmatch(ureq.method):
+        raise HookError(f"upstream method is not an HTTP token: {ureq.method!r}")
     if not isinstance(ureq.path, str) or not ureq.path.startswith("/"):
         raise HookError(f"upstream path must start with '/': {ureq.path!r}")
     if header_rules.has_forbidden_chars(ureq.path) or " " in ureq.path:

@@ -12,17 +12,22 @@ from typing import Any, Collection
 
 from urllib3.util.retry import Retry
 
-IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))  # RFC 9110 section 9.2.2
 RETRY_AFTER_STATUSES = frozenset((429, 503))
 
 
 class RetryPolicy:
     """How often and how patiently to retry one request.
 
-    ``retry_methods`` limits which methods are retried after the request may
-    have reached the upstream (a retriable status, a reset, a read timeout);
-    ``None`` means every method. A failed connect sent nothing, so it is
-    retried whatever the method.
+    What may be retried depends on what the upstream may have done with the
+    request. A failed connect sent nothing: retried whatever the method. A
+    status in ``retry_on_status`` is the upstream's own answer (429 and 503
+    say it did not process the request): retried for every method when
+    ``retry_methods`` is None, else for the methods it names. A failure after
+    the request was sent (a reset, a close before the response head, a read
+    timeout) may have followed its processing, so a completion could be made
+    and billed twice: retried for idempotent methods when ``retry_methods``
+    is None, and for any other method only when ``retry_methods`` names it.
     """
 
     def __init__(
@@ -35,6 +40,10 @@ class RetryPolicy:
         jitter: bool = False,
         retry_methods: Collection[str] | None = None,
     ) -> None:
+        _at_least("max_attempts", max_attempts, 1)
+        _at_least("base_backoff_ms", base_backoff_ms, 0)
+        _at_least("backoff_multiplier", backoff_multiplier, 0)
+        _at_least("max_backoff_ms", max_backoff_ms, 0)
         self.max_attempts = max_attempts
         self.base_backoff_ms = base_backoff_ms
         self.backoff_multiplier = backoff_multiplier
@@ -60,7 +69,13 @@ class RetryPolicy:
         return status == 0 or status in self.retry_on_status
 
     def method_retriable(self, method: str) -> bool:
+        """Whether a retriable status is retried for ``method``."""
         return self.retry_methods is None or method.upper() in self.retry_methods
+
+    def retriable_after_sending(self, method: str) -> bool:
+        """Whether a failure after the request went out (it may have been processed) is retried."""
+        methods = IDEMPOTENT_METHODS if self.retry_methods is None else self.retry_methods
+        return method.upper() in methods
 
     def sleep_ms(self, n: int) -> float:
         """What is really slept before retry ``n``: jitter applied."""
@@ -76,6 +91,11 @@ class RetryPolicy:
         return (f"RetryPolicy(max_attempts={self.max_attempts}, base_backoff_ms={self.base_backoff_ms}, "
                 f"backoff_multiplier={self.backoff_multiplier}, retry_on_status={self.retry_on_status}, "
                 f"max_backoff_ms={self.max_backoff_ms}, jitter={self.jitter}, retry_methods={self.retry_methods})")
+
+
+def _at_least(name: str, value: float, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise ValueError(f"RetryPolicy {name} must be a number of at least {minimum}: {value!r}")
 
 
 class RetryCount:
@@ -94,8 +114,9 @@ class RetryCount:
 class PolicyRetry(Retry):
     """urllib3 ``Retry`` driven by a ``RetryPolicy``.
 
-    Stock urllib3 sleeps 0 before the first retry and retries 413/429/503 on
-    Retry-After alone; here the policy decides both.
+    Stock urllib3 sleeps 0 before the first retry, retries 413/429/503 on
+    Retry-After alone and retries read errors for every method it allows;
+    here the policy decides all three.
     """
 
     def __init__(self, *, policy: RetryPolicy, count: RetryCount | None = None, **kw: Any) -> None:
@@ -104,7 +125,6 @@ class PolicyRetry(Retry):
         kw.setdefault("total", max(policy.max_attempts, 1) - 1)
         kw.setdefault("redirect", False)
         kw.setdefault("raise_on_status", False)
-        kw.setdefault("allowed_methods", policy.retry_methods)
         super().__init__(**kw)
 
     def new(self, **kw: Any) -> "PolicyRetry":
@@ -118,7 +138,11 @@ class PolicyRetry(Retry):
         return retry
 
     def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-        return self._is_method_retryable(method) and status_code in self.policy.retry_on_status
+        return status_code in self.policy.retry_on_status and self.policy.method_retriable(method)
+
+    def _is_method_retryable(self, method: str) -> bool:
+        """What urllib3 asks before retrying a read error: the request may have been processed."""
+        return self.policy.retriable_after_sending(method)
 
     def get_backoff_time(self) -> float:
         return self.policy.sleep_ms(len(self.history) - 1) / 1000.0

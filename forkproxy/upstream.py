@@ -20,11 +20,12 @@ from urllib3.exceptions import (
 )
 
 from .errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from . import headers as header_rules
 from .messages import UpstreamRequest
 from .urls import Upstream
 from .pools import POOL_CLASSES, ProxyPool, ProxyTLSPool
 from .reply import UpstreamReply
-from .wire import HeaderBlock
+from .wire import RequestHead
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
@@ -40,9 +41,10 @@ class Transport:
 
     MAX_POOLS = 1024
 
-    def __init__(self, *, pool_maxsize: int, ca_certs: str | None) -> None:
+    def __init__(self, *, pool_maxsize: int, ca_certs: str | None, idle_timeout: float = 4.0) -> None:
         self.pool_maxsize = pool_maxsize
         self.ca_certs = ca_certs
+        self.idle_timeout = idle_timeout
         self._pools: dict[tuple[str, str, int], ProxyPool | ProxyTLSPool] = {}
         os.register_at_fork(after_in_child=self.forget)
 
@@ -58,7 +60,8 @@ class Transport:
                 self._pools.pop(next(iter(self._pools))).close()
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": self.ca_certs} if upstream.scheme == "https" else {}
             pool = self._pools[key] = POOL_CLASSES[upstream.scheme](
-                upstream.host, upstream.port, maxsize=self.pool_maxsize, block=False, **tls)
+                upstream.host, upstream.port, maxsize=self.pool_maxsize, block=False,
+                idle_timeout=self.idle_timeout, **tls)
         return pool
 
     def send(
@@ -74,12 +77,13 @@ class Transport:
         Raises ``ProxyError`` when no usable response head arrived.
         """
         pool = self.pool(upstream)
+        target = upstream.join(ureq.path)
         try:
             return pool.urlopen(
                 ureq.method,
-                upstream.join(ureq.path),
+                target,
                 body=ureq.body or None,
-                headers=HeaderBlock(pool.host_header, wire_headers(ureq)),
+                headers=RequestHead(ureq.method, target, pool.host_header, wire_headers(ureq)),
                 retries=retries,
                 redirect=False,
                 assert_same_host=False,
@@ -93,11 +97,12 @@ class Transport:
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
-    """``ureq.headers`` plus the Content-Length of the body really sent.
+    """``ureq.headers`` less the framing a hook may have set, plus the Content-Length of the body really sent.
 
-    Filled in place: the hooks that may look at ``ureq`` have all run by now.
+    Changed in place: the hooks that may look at ``ureq`` have all run by now.
     """
     headers = ureq.headers
+    header_rules.drop_framing_set_by_hooks(headers)
     if ureq.body or ureq.method in _METHODS_WITH_BODY:
         headers["Content-Length"] = str(len(ureq.body))
     return headers

@@ -32,34 +32,31 @@ _FIELD_LINES = re.compile(rf"^({TOKEN}):[ \t]*([^\r\n]*)\r\n", re.M)
 _NO_BODY_STATUSES = frozenset((204, 304))
 
 
-class HeaderBlock:
-    """A request's header lines, Host included, encoded once for every attempt.
+class RequestHead:
+    """A request's line and header lines, Host first, encoded once for every attempt.
 
-    ``urlopen`` copies the headers it is given (to add a proxy's headers,
-    which forkproxy's pools have none of); a block never changes, so its copy
-    is itself, and urllib3's retries resend the same bytes.
+    The target goes out byte for byte as given: urllib3's ``urlopen``
+    re-encodes the URL it is handed (``%2f`` becomes ``%2F``, ``|`` becomes
+    ``%7C``), which breaks signed URLs and upstreams that route on the raw
+    path, so the pools write this head and use urlopen's URL only to name the
+    request. Passed to urlopen as its ``headers``, which it copies: a head
+    never changes, so its copy is itself, and retries resend the same bytes.
     """
 
     __slots__ = ("data",)
 
-    def __init__(self, host: str, headers: HTTPHeaderDict) -> None:
-        lines = [f"{name}: {value}\r\n" for name, value in header_lines(headers)]
-        if "host" not in headers:
-            lines.insert(0, f"Host: {host}\r\n")
+    def __init__(self, method: str, target: str, host: str, headers: HTTPHeaderDict) -> None:
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in header_lines(headers)]
         lines.append("\r\n")
         self.data = "".join(lines).encode("latin-1")
 
-    def copy(self) -> "HeaderBlock":
+    def copy(self) -> "RequestHead":
         return self
 
     def update(self, other: dict) -> None:
         if other:
-            raise TypeError("a request's header block is final once encoded")
-
-
-def request_head(method: str, target: str, block: HeaderBlock) -> bytes:
-    """Request line and header block, ready for the socket (names and values were checked by the proxy)."""
-    return f"{method} {target} HTTP/1.1\r\n".encode("latin-1") + block.data
+            raise TypeError("a request head is final once encoded")
 
 
 def host_header(host: str, port: int, default_port: int) -> str:

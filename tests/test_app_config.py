@@ -47,6 +47,15 @@ def test_defaults_follow_the_contract():
      ["FORKPROXY_MAX_REQUEST_BODY_BYTES", "'1.5'"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_RETRY_ATTEMPTS": "x"}, ["FORKPROXY_RETRY_ATTEMPTS", "'x'"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_CA_CERTS": "/nope.pem"}, ["FORKPROXY_CA_CERTS", "/nope.pem"]),
+    # a value that would make every request fail, or that the socket layer cannot take
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_TIMEOUT": "0"}, ["FORKPROXY_TIMEOUT", "above 0", "'0'"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_CONNECT_TIMEOUT": "0"}, ["FORKPROXY_CONNECT_TIMEOUT", "'0'"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_TIMEOUT": "inf"}, ["FORKPROXY_TIMEOUT", "finite"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_TIMEOUT": "nan"}, ["FORKPROXY_TIMEOUT", "finite"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_MAX_EVENT_BYTES": "0"}, ["FORKPROXY_MAX_EVENT_BYTES", "at least 1"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_POOL_IDLE_TIMEOUT": "0"}, ["FORKPROXY_POOL_IDLE_TIMEOUT"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_RETRY_ATTEMPTS": "0"}, ["FORKPROXY_RETRY_ATTEMPTS", "at least 1"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_RETRY_BACKOFF_MS": "-5"}, ["FORKPROXY_RETRY_BACKOFF_MS", "'-5'"]),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable_and_value(env, words):
     with pytest.raises(ConfigError) as info:

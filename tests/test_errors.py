@@ -193,3 +193,21 @@ def test_hook_made_path_without_leading_slash_is_500(gateway, upstream):
 def test_errors_are_logged_with_their_reason(gateway):
     request(gateway.url, "GET", "/logged", headers=via(f"http://127.0.0.1:{free_port()}"))
     gateway.wait_for_log(r"GET /logged -> 502 upstream_unreachable: cannot connect")
+
+
+@pytest.mark.parametrize("path", ["/hook-method-crlf", "/hook-method-space"])
+def test_hook_set_method_that_is_not_a_token_is_500_and_nothing_is_sent(gateway, upstream, path):
+    target = unique(path)
+    reply = request(gateway.url, "GET", target)
+    assert_error(reply, 500, "hook_error")
+    assert "method" in reply.json()["error"]["message"]
+    time.sleep(0.2)
+    assert upstream.seen(target) == [] and upstream.seen("/smuggled") == []
+
+
+def test_hook_set_body_that_is_neither_bytes_nor_str_is_500_and_never_sent(gateway, upstream):
+    path = unique("/hook-body-not-bytes")
+    reply = request(gateway.url, "POST", path, body=b"x")
+    assert_error(reply, 500, "hook_error")
+    assert "bytes or str" in reply.json()["error"]["message"]
+    assert upstream.seen(path) == []

@@ -183,3 +183,34 @@ def test_the_client_gets_one_date_and_one_server_header(gateway, upstream):
     upstream.route(path, lambda h, s: h.reply(200, b"ok"))  # http.server sends its own Date and Server
     reply = request(gateway.url, "GET", path)
     assert len(reply.all("Date")) == 1 and len(reply.all("Server")) == 1
+
+
+def test_the_request_target_reaches_the_upstream_byte_for_byte(gateway, upstream):
+    # Signed URLs (S3/SigV4 presigned links) and upstreams that route on the raw path break
+    # on any re-encoding: %2f stays lower-case and escaped, | { } stay as sent.
+    base = unique()
+    target = base + "/a%2fb/c|d{e}?x=%7c&sig=AbC%2B%3D"
+    assert request(gateway.url, "GET", target).status == 200
+    (seen,) = upstream.seen(base)
+    assert seen.target == target
+
+
+def test_framing_and_hop_by_hop_headers_a_hook_copied_from_the_client_are_forkproxys_to_set(gateway, upstream):
+    # `ureq.headers = req.headers.copy()` would send the client's Transfer-Encoding beside
+    # forkproxy's Content-Length and the de-chunked body: a desync of the pooled connection.
+    path = unique("/hook-copies-client-headers")
+    reply = request(gateway.url, "POST", path, body=b"5\r\nhello\r\n0\r\n\r\n", headers=[
+        ("Transfer-Encoding", "chunked"), ("Host", "client.example"), ("Connection", "keep-alive, X-Hop"),
+        ("X-Hop", "1"), ("TE", "trailers"), ("Expect", "100-continue"), ("Upgrade", "h2c"),
+        ("Keep-Alive", "timeout=5"), ("X-End-To-End", "kept")])
+    assert reply.status == 200
+    (seen,) = upstream.seen(path)
+    assert seen.body == b"hello"
+    assert seen.all("Content-Length") == ["5"]
+    assert seen.all("Host") == [f"127.0.0.1:{upstream.port}"]
+    names = {k.lower() for k, _ in seen.headers}
+    for name in ("transfer-encoding", "x-hop", "te", "expect", "upgrade", "keep-alive"):
+        assert name not in names, name
+    assert seen.all("Connection") == []
+    assert (seen.header("X-End-To-End"), seen.header("X-Copied")) == ("kept", "yes")
+    assert request(gateway.url, "GET", unique()).status == 200  # the pooled connection is still in step

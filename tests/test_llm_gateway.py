@@ -37,7 +37,8 @@ def llm(upstream, tmp_path_factory):
     openai_route(upstream, "/small/")
     openai_route(upstream, "/big/")
     g = Gunicorn("examples.llm_gateway:app", env={
-        "LLM_UPSTREAM": upstream.url + "/small", "LLM_ROUTES": f"big-=http://127.0.0.1:{upstream.port}/big",
+        "LLM_UPSTREAM": upstream.url + "/small",
+        "LLM_ROUTES": f"big-={upstream.url}/big,flaky-={upstream.url}/flaky-{uuid.uuid4().hex}",
         "LLM_UPSTREAM_KEY": "real-secret", "LLM_CLIENT_KEYS": "client-1,client-2", "LLM_USAGE_LOG": str(usage_log),
     }).start()
     g.usage = usage_log
@@ -107,3 +108,35 @@ def test_a_stream_is_billed_even_when_the_client_hangs_up(llm):
     client.close()
     record = wait_record(llm, model)
     assert record["client_disconnected"] and record["events"] >= 1
+
+
+def flaky_route(upstream, llm, first):
+    """The flaky- models' route: ``first(handler)`` answers the first completion, then all is well."""
+    prefix = dict(part.split("=", 1) for part in llm.env["LLM_ROUTES"].split(","))["flaky-"].removeprefix(upstream.url)
+    calls = []
+
+    def route(h, s):
+        calls.append(s)
+        if len(calls) == 1:
+            return first(h)
+        h.reply(200, json.dumps({"choices": [], "usage": {"total_tokens": 3}}).encode(), content_type="application/json")
+    upstream.route(prefix + "/", route)
+    return calls
+
+
+def test_a_completion_that_may_have_been_generated_is_never_sent_twice(llm, upstream):
+    # The upstream read the request, then the connection broke before an answer: it may have
+    # generated (and billed) the completion, so a POST is not retried.
+    model = f"flaky-{uuid.uuid4().hex[:8]}"
+    calls = flaky_route(upstream, llm, lambda h: setattr(h, "close_connection", True))
+    reply = chat(llm, model, stream=False)
+    assert reply.status == 502 and reply.error_type() == "upstream_unreachable"
+    assert len(calls) == 1
+
+
+def test_a_completion_the_upstream_refused_with_503_is_retried(llm, upstream):
+    model = f"flaky-{uuid.uuid4().hex[:8]}"
+    calls = flaky_route(upstream, llm, lambda h: h.reply(503, b"overloaded"))
+    reply = chat(llm, model, stream=False)
+    assert reply.status == 200
+    assert len(calls) == 2

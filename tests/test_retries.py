@@ -120,3 +120,41 @@ def test_unreachable_after_retries_reports_the_retries(gateway):
         "X-Test-Upstream": f"http://127.0.0.1:{free_port()}", "X-Test-Retry": "3"})
     assert reply.status == 502 and reply.error_type() == "upstream_unreachable"
     assert reply.header("X-Seen-Retries") == "2"
+
+
+def closing_unanswered_then_ok(upstream, path):
+    """The first request is read and its connection closed unanswered: it may have been processed."""
+    count = {"n": 0}
+
+    def route(h, s):
+        count["n"] += 1
+        if count["n"] == 1:
+            h.close_connection = True
+            return
+        h.reply(200, b"second")
+    upstream.route(path, route)
+
+
+def test_a_post_that_may_have_been_processed_is_not_retried_by_a_default_policy(gateway, upstream):
+    path = unique()
+    closing_unanswered_then_ok(upstream, path)
+    reply = request(gateway.url, "POST", path, body=b"charge-once", headers={"X-Test-Retry": "3"})
+    assert reply.status == 502 and reply.error_type() == "upstream_unreachable"
+    assert len(upstream.seen(path)) == 1
+
+
+def test_a_get_that_may_have_been_processed_is_retried_by_a_default_policy(gateway, upstream):
+    path = unique()
+    closing_unanswered_then_ok(upstream, path)
+    reply = request(gateway.url, "GET", path, headers={"X-Test-Retry": "3"})
+    assert (reply.status, reply.body) == (200, b"second")
+    assert len(upstream.seen(path)) == 2
+
+
+def test_a_post_the_policy_names_is_retried_after_it_may_have_been_processed(gateway, upstream):
+    path = unique()
+    closing_unanswered_then_ok(upstream, path)
+    reply = request(gateway.url, "POST", path, body=b"idempotent-by-key", headers={
+        "X-Test-Retry": "3", "X-Test-Retry-Methods": "POST"})
+    assert (reply.status, reply.body) == (200, b"second")
+    assert len(upstream.seen(path)) == 2

@@ -1,4 +1,4 @@
-"""X-Forwarded-Proto/Host: kept from trusted peers only, trust taken from gunicorn."""
+"""Forwarding headers (X-Forwarded-Proto/Host, Forwarded, X-Real-IP): kept from trusted peers only, trust taken from gunicorn."""
 import uuid
 
 import pytest
@@ -37,3 +37,21 @@ def test_trust_follows_gunicorn_cmd_args(upstream):
         assert seen.header("X-Forwarded-Proto") == "http"
     finally:
         g.stop()
+
+
+def test_untrusted_peer_cannot_set_forwarded_or_x_real_ip(untrusting, upstream):
+    path = f"/t/{uuid.uuid4().hex}"
+    request(untrusting.url, "GET", path, headers={
+        "Forwarded": "for=198.51.100.1;proto=https;host=spoofed.example", "X-Real-IP": "198.51.100.1"})
+    (seen,) = upstream.seen(path)
+    assert seen.all("Forwarded") == []
+    assert seen.all("X-Real-IP") == ["127.0.0.1"]
+
+
+def test_trusted_peer_keeps_its_forwarded_and_x_real_ip(gateway, upstream):
+    path = f"/t/{uuid.uuid4().hex}"
+    request(gateway.url, "GET", path, headers={"Forwarded": "for=198.51.100.1;proto=https",
+                                              "X-Real-IP": "198.51.100.1"})
+    (seen,) = upstream.seen(path)
+    assert seen.all("Forwarded") == ["for=198.51.100.1;proto=https"]
+    assert seen.all("X-Real-IP") == ["198.51.100.1"]

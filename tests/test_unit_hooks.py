@@ -79,3 +79,44 @@ def test_pools_for_many_upstream_origins_all_stay_open():
     assert all(pool.pool is not None for pool in pools)  # none closed behind a request's back
     assert transport.pool(parse_upstream("http://127.0.0.1:10000/other-prefix")) is pools[0]
     assert transport.pool(parse_upstream("https://127.0.0.1:10000")) is not pools[0]
+
+
+def test_settings_given_as_class_attributes_are_defaults_that_keywords_override():
+    class Gateway(Proxy):
+        upstream = "http://127.0.0.1:9000"
+        timeout = 5
+        max_request_body_bytes = 10
+
+    assert (Gateway().timeout, Gateway().max_request_body_bytes, Gateway().upstream) == (5, 10, "http://127.0.0.1:9000")
+    assert Gateway(timeout=7).timeout == 7
+    assert Gateway("http://127.0.0.1:1").upstream == "http://127.0.0.1:1"
+    assert Gateway()._timeout().read_timeout == 5  # what the exchange really uses
+    assert Proxy("http://127.0.0.1:1").timeout == 30
+
+
+def test_settings_given_as_class_attributes_are_checked_too():
+    class Gateway(Proxy):
+        timeout = 0
+
+    with pytest.raises(ValueError) as info:
+        Gateway("http://127.0.0.1:1")
+    assert "timeout" in str(info.value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("timeout", 0), ("timeout", float("inf")), ("connect_timeout", 0), ("max_event_bytes", 0),
+    ("pool_maxsize", 0), ("pool_idle_timeout", 0), ("stream_idle_timeout", -1), ("sse_heartbeat_secs", -0.5),
+    ("max_request_body_bytes", 1.5), ("max_response_body_bytes", True),
+])
+def test_every_numeric_setting_has_its_range_checked_at_construction(name, value):
+    with pytest.raises(ValueError) as info:
+        Proxy("http://127.0.0.1:1", **{name: value})
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("stream_idle_timeout", 0), ("sse_heartbeat_secs", 0), ("max_request_body_bytes", 0),
+    ("max_response_body_bytes", 0), ("max_event_bytes", 1), ("pool_idle_timeout", 0.5),
+])
+def test_zero_turns_off_what_it_is_documented_to(name, value):
+    assert getattr(Proxy("http://127.0.0.1:1", **{name: value}), name) == value

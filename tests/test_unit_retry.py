@@ -110,3 +110,24 @@ def test_new_keeps_the_policy():
     p = RetryPolicy(max_attempts=5)
     r = PolicyRetry(policy=p).new(total=1)
     assert r.policy is p and r.total == 1
+
+
+def test_a_failure_after_sending_is_retried_for_idempotent_methods_only_unless_the_policy_names_the_method():
+    default = RetryPolicy(max_attempts=3).to_urllib3()
+    default.increment("GET", "/x", error=ProtocolError("reset after sending"))
+    default.increment("TRACE", "/x", error=ProtocolError("reset after sending"))
+    with pytest.raises(ProtocolError):
+        default.increment("POST", "/x", error=ProtocolError("reset after sending"))
+    assert default.is_retry("POST", 503)  # the upstream's own "not processed" answer
+    named = RetryPolicy(max_attempts=3, retry_methods=["POST"]).to_urllib3()
+    named.increment("POST", "/x", error=ProtocolError("reset after sending"))
+    with pytest.raises(ProtocolError):
+        named.increment("GET", "/x", error=ProtocolError("reset after sending"))
+
+
+@pytest.mark.parametrize("name, value", [("max_attempts", 0), ("base_backoff_ms", -1), ("max_backoff_ms", -1),
+                                         ("backoff_multiplier", "2"), ("max_attempts", True)])
+def test_a_policy_out_of_range_is_refused_naming_the_argument(name, value):
+    with pytest.raises(ValueError) as info:
+        RetryPolicy(**{name: value})
+    assert name in str(info.value)

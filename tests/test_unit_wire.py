@@ -5,7 +5,7 @@ from http.client import BadStatusLine, HTTPException, LineTooLong, RemoteDisconn
 import pytest
 from urllib3 import HTTPHeaderDict
 
-from forkproxy.wire import HeaderBlock, StatusLine, body_framing, host_header, read_head, request_head
+from forkproxy.wire import RequestHead, StatusLine, body_framing, host_header, read_head
 
 
 def _reader(data: bytes, buffer: int = 2048) -> io.BufferedReader:
@@ -21,22 +21,24 @@ def _head(data: bytes, buffer: int = 2048):
 # -- the request head --------------------------------------------------------
 
 def test_request_head_has_the_request_line_host_first_and_a_blank_line():
-    block = HeaderBlock("up.example:8080", HTTPHeaderDict([("Accept", "*/*"), ("X-A", "1"), ("X-A", "2")]))
-    assert request_head("GET", "/v1/x?q=1", block) == (
+    head = RequestHead("GET", "/v1/x?q=1", "up.example:8080",
+                       HTTPHeaderDict([("Accept", "*/*"), ("X-A", "1"), ("X-A", "2")]))
+    assert head.data == (
         b"GET /v1/x?q=1 HTTP/1.1\r\nHost: up.example:8080\r\nAccept: */*\r\nX-A: 1\r\nX-A: 2\r\n\r\n")
 
 
-def test_a_host_header_set_by_a_hook_is_sent_instead_of_the_upstreams():
-    block = HeaderBlock("up.example", HTTPHeaderDict({"host": "virtual.example"}))
-    assert block.data == b"host: virtual.example\r\n\r\n"
+def test_the_target_goes_out_byte_for_byte():
+    target = "/a%2fb/c|d{e}?x=%7c&y=%zz"
+    assert RequestHead("GET", target, "h", HTTPHeaderDict()).data.startswith(f"GET {target} HTTP/1.1\r\n".encode())
 
 
 def test_header_values_go_out_as_latin_1():
-    assert HeaderBlock("h", HTTPHeaderDict({"X-Name": "caf\xe9"})).data == b"Host: h\r\nX-Name: caf\xe9\r\n\r\n"
+    assert RequestHead("GET", "/", "h", HTTPHeaderDict({"X-Name": "caf\xe9"})).data == (
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Name: caf\xe9\r\n\r\n")
 
 
-def test_a_header_block_is_its_own_copy_and_takes_no_extra_headers():
-    block = HeaderBlock("h", HTTPHeaderDict())
+def test_a_request_head_is_its_own_copy_and_takes_no_extra_headers():
+    block = RequestHead("GET", "/", "h", HTTPHeaderDict())
     assert block.copy() is block
     block.update({})
     with pytest.raises(TypeError):

@@ -58,13 +58,13 @@ class RawClient:
 
 def pool_exchange(port: int):
     from forkproxy.pools import ProxyPool
-    from forkproxy.wire import HeaderBlock
+    from forkproxy.wire import RequestHead
 
     pool = ProxyPool("127.0.0.1", port, maxsize=4, block=False)
     retries, timeout = urllib3.Retry(0, read=False, redirect=False), urllib3.Timeout(connect=5, read=30)
 
     def exchange() -> None:
-        headers = HeaderBlock(pool.host_header, urllib3.HTTPHeaderDict({"Accept": "*/*"}))
+        headers = RequestHead("GET", PATH, pool.host_header, urllib3.HTTPHeaderDict({"Accept": "*/*"}))
         reply = pool.urlopen("GET", PATH, headers=headers, retries=retries, redirect=False,
                              assert_same_host=False, timeout=timeout, release_conn=False)
         reply.read_sized()

@@ -54,6 +54,15 @@ class TestGateway(Proxy):
             return True
         if path.startswith("/hook-badpath"):
             ureq.path = "evil.example/x"
+        if path.startswith("/hook-method-crlf"):  # a method taken from client input, unchecked
+            ureq.method = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\nGET"
+        if path.startswith("/hook-method-space"):
+            ureq.method = "GET /smuggled"
+        if path.startswith("/hook-body-not-bytes"):
+            ureq.body = {"not": "bytes"}
+        if path.startswith("/hook-copies-client-headers"):  # what users write to "pass everything on"
+            ureq.headers = req.headers.copy()
+            ureq.headers["X-Copied"] = "yes"
         if path.startswith("/swap-key"):
             ureq.headers["Authorization"] = "Bearer real-key"
         return False
