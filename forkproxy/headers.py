@@ -31,8 +31,9 @@ _NOT_NAMED_AWAY = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarde
 # copy of a single-valued header. nginx drops the same two by default.
 _SET_BY_SERVER = frozenset(("date", "server"))
 
-# CR, LF, NUL, or anything latin-1 (the wire's encoding of header bytes) cannot carry.
-_FORBIDDEN = re.compile("[\r\n\0\u0100-\U0010ffff]")
+# CR, LF, NUL and the other controls but HTAB (gunicorn refuses them all in a reply), or
+# anything latin-1 (the wire's encoding of header bytes) cannot carry.
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f\u0100-\U0010ffff]")
 # A field name (RFC 9110 section 5.6.2), for every check of names in either direction.
 TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 TOKEN_RE = re.compile(TOKEN)
@@ -42,9 +43,12 @@ def is_hop_by_hop(name: str) -> bool:
     return name.lower() in HOP_BY_HOP
 
 
-def has_forbidden_chars(text: str) -> bool:
-    """CR, LF or NUL in a header would let one header smuggle another."""
-    return _FORBIDDEN.search(text) is not None
+_NOT_IN_A_TARGET = re.compile("[\x00-\x20\x7f\u0100-\U0010ffff]")
+
+
+def unfit_for_target(path: str) -> bool:
+    """A space or control character would end the request line early (or smuggle another)."""
+    return _NOT_IN_A_TARGET.search(path) is not None
 
 
 def _store_is_grouped_by_lower_name() -> bool:
@@ -220,7 +224,7 @@ def client_response_headers(
     ]
 
 
-FORBIDDEN_WHY = "a name that is not a token, or CR, LF, NUL or a non-latin-1 character in its value"
+FORBIDDEN_WHY = "a name that is not a token, or CR, LF, NUL, another control character or a non-latin-1 character in its value"
 
 
 def first_forbidden(pairs: Iterable[tuple[str, str]]) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from http import HTTPStatus
 from typing import Any, Callable, Iterable
@@ -18,7 +19,8 @@ import urllib3
 from . import headers as header_rules
 from .buffered import read_body
 from .config import DEFAULTS, check_settings
-from .errors import BadRequest, HookError, InternalError, PayloadTooLarge, ProxyError, UpgradeNotSupported
+from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError,
+                     UpgradeNotSupported)
 from .inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
 from .metrics import metrics
 from .messages import Request, Response, StreamStats, StreamWriter, UpstreamRequest, UpstreamResponse, describe
@@ -119,8 +121,11 @@ class Proxy:
                           environ.get("REQUEST_METHOD"), environ.get("RAW_URI"))
             err = InternalError("internal proxy error; the proxy's log has the details")
             status, body = err.status, [err.body()]
-            headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body[0])))]
-        start_response(status_line(status), headers)
+            headers = _json_headers(body[0])
+        try:
+            start_response(status_line(status), headers)
+        except Exception as exc:  # a head the server refuses that no rule here foresaw: still JSON, nothing leaked
+            return _refused_by_server(environ, start_response, body, exc)
         return body
 
     @property
@@ -188,7 +193,7 @@ class Proxy:
             return None
         _check_upstream_request(ureq)
         upstream = self._pick_upstream(req)
-        req.environ[ENV_UPSTREAM] = upstream.origin
+        req.environ[ENV_UPSTREAM] = ures.upstream = upstream.origin
         policy = _call(self.retry_policy, req)
         retries = policy.to_urllib3()
         stream_wanted = _call(self.stream_request, req)
@@ -255,6 +260,23 @@ class Proxy:
         return pairs
 
 
+def _json_headers(body: bytes) -> list[tuple[str, str]]:
+    return [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+
+
+def _refused_by_server(environ: dict, start_response: Callable, body: Iterable[bytes],
+                       exc: Exception) -> list[bytes]:
+    log.error("[%s] %s %s: the server refused the reply head (%s: %s); answering 502",
+              environ.get(ENV_REQUEST_ID, "-"), environ.get("REQUEST_METHOD"), environ.get("RAW_URI"),
+              type(exc).__name__, exc)
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
+    err = BadUpstreamResponse("the reply head holds what HTTP cannot carry; the proxy's log has the details")
+    start_response(status_line(err.status), _json_headers(err.body()), sys.exc_info())
+    return [err.body()]
+
+
 @functools.lru_cache(maxsize=16)
 def _urllib3_timeout(connect: float, read: float) -> urllib3.Timeout:
     """One per pair of settings, not per request (urllib3 clones it per request)."""
@@ -277,8 +299,8 @@ def _check_upstream_request(ureq: UpstreamRequest) -> None:
         raise HookError(f"upstream method is not an HTTP token: {ureq.method!r}")
     if not isinstance(ureq.path, str) or not ureq.path.startswith("/"):
         raise HookError(f"upstream path must start with '/': {ureq.path!r}")
-    if header_rules.has_forbidden_chars(ureq.path) or " " in ureq.path:
-        raise HookError(f"upstream path holds CR, LF, NUL or space: {ureq.path!r}")
+    if header_rules.unfit_for_target(ureq.path):
+        raise HookError(f"upstream path holds a space, a control or a non-latin-1 character: {ureq.path!r}")
     bad = header_rules.first_forbidden(header_rules.lines(ureq.headers))
     if bad is not None:
         raise HookError(f"upstream request header {bad!r}: {header_rules.FORBIDDEN_WHY}")

@@ -75,8 +75,9 @@ class StreamRelay:
         self.decoder = content_decoder(resp.headers) if self.sse else None
         self.stats = StreamStats(req)
         self.out = StreamWriter()
+        self._units: Iterator[bytes] | None = None
 
-    def reply(self) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
+    def reply(self) -> tuple[int, list[tuple[str, str]], "StreamRelay"]:
         drop = ("content-encoding",) if self.decoder else ()
         # No CR, LF or NUL to check for: wire.read_head refused those already.
         pairs = header_rules.client_response_headers(self.resp.headers, keep_content_length=False,
@@ -84,7 +85,21 @@ class StreamRelay:
         pairs.append(("X-Accel-Buffering", "no"))
         pairs.append((REQUEST_ID_HEADER, self.req.request_id))
         self._set_idle_timeout()
-        return self.resp.status, pairs, self._relay()
+        return self.resp.status, pairs, self
+
+    # -- the WSGI iterable: the server iterates the relay, then closes it ------
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._units is None:
+            self._units = self._relay()
+        return self._units
+
+    def close(self) -> None:
+        """The server is done with the reply: a relay never iterated (its head was refused) lets go of the upstream."""
+        if self._units is None:
+            self.resp.close()
+        else:
+            self._units.close()
 
     # -- the relay ---------------------------------------------------------
 

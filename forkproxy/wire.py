@@ -24,7 +24,12 @@ from .headers import TOKEN, TOKEN_RE, connection_named, header_dict, getlist as 
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
-_UNSAFE = re.compile(r"[\r\0]")
+# Control characters other than HTAB: CR, LF and NUL could smuggle a header, and gunicorn
+# refuses every one of them in a reply header (its start_response would fail outside
+# forkproxy's error handling), so a head holding one is refused here, as a 502.
+_CONTROL = "[\x00-\x08\x0a-\x1f\x7f]"
+_UNSAFE = re.compile(_CONTROL)
+_UNSAFE_BYTES = re.compile(_CONTROL.encode())
 # Every line of a plain header block, each matched from its start (a line that
 # is not exactly one field leaves the count of matches short of the lines).
 # Greedy to the line end (a lazy value costs twice as much); trailing SP/HTAB is cut after.
@@ -102,7 +107,7 @@ def parse_header_line(line: bytes) -> tuple[str, str]:
         raise HTTPException("response head ended before its blank line")
     text = line[:-2 if line.endswith(b"\r\n") else -1].decode("latin-1")
     if _UNSAFE.search(text):
-        raise HTTPException("CR or NUL inside a response header line")
+        raise HTTPException("a control character (CR, NUL, ...) inside a response header line")
     return _field(text)
 
 
@@ -134,8 +139,7 @@ def _read_whole_head(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict] | None:
     if end < 0:
         return None
     block = data[:end]
-    bare = block.replace(b"\r\n", b"")
-    if b"\r" in bare or b"\n" in bare or b"\0" in bare:
+    if _UNSAFE_BYTES.search(block.replace(b"\r\n", b"")):
         return None
     text = block.decode("latin-1")
     first, _, fields = text.partition("\r\n")

@@ -135,8 +135,9 @@ def test_bad_chunk_framing_is_502_bad_upstream_response(gateway):
         assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "bad_upstream_response")
 
 
-@pytest.mark.parametrize("header", [b"X-Folded: a\r\n b", b"X-Nul: a\x00b", b"X-Cr: a\rInjected: 1"])
-def test_upstream_header_with_cr_lf_or_nul_is_502(gateway, header):
+@pytest.mark.parametrize("header", [b"X-Folded: a\r\n b", b"X-Nul: a\x00b", b"X-Cr: a\rInjected: 1",
+                                    b"X-Ctl: a\x01b", b"X-Esc: \x1b[2J", b"X-Del: a\x7f"])
+def test_upstream_header_with_a_control_character_is_502(gateway, header):
     with answering(b"HTTP/1.1 200 OK\r\n" + header + b"\r\nContent-Length: 2\r\n\r\nok") as server:
         reply = request(gateway.url, "GET", "/x", headers=via(server.url))
         assert_error(reply, 502, "bad_upstream_response")
@@ -211,3 +212,28 @@ def test_hook_set_body_that_is_neither_bytes_nor_str_is_500_and_never_sent(gatew
     assert_error(reply, 500, "hook_error")
     assert "bytes or str" in reply.json()["error"]["message"]
     assert upstream.seen(path) == []
+
+
+def test_a_streamed_reply_with_a_control_character_in_its_head_is_502_and_its_connection_closed(gateway):
+    closed = threading.Event()
+
+    def serve(conn):
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Ctl: a\x01b\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n7\r\ndata: 1\r\n")
+        conn.settimeout(10)
+        if conn.recv(1) == b"":
+            closed.set()
+    server = RawServer(serve)
+    try:
+        assert_error(request(gateway.url, "GET", "/x", headers=via(server.url)), 502, "bad_upstream_response")
+        assert closed.wait(5), "the upstream connection was left open"
+        assert request(gateway.url, "GET", unique()).status == 200
+    finally:
+        server.close()
+
+
+def test_hook_set_response_header_with_a_control_character_is_500(gateway):
+    reply = request(gateway.url, "GET", unique("/hook-res-ctl"))
+    assert_error(reply, 500, "hook_error")
+    assert "Traceback" not in reply.body.decode()

@@ -3,6 +3,7 @@ import time
 import uuid
 
 from tests.support.client import request
+from tests.support.gunicorn import Gunicorn
 from tests.support.servers import RawServer, read_request_head
 
 
@@ -57,3 +58,70 @@ def test_bytes_an_upstream_sent_after_its_response_are_never_read_as_the_next_re
         assert server.accepted == 3
     finally:
         server.close()
+
+
+def closing_under_the_second_request():
+    """An upstream whose first connection answers once, then closes as the next request arrives on it.
+
+    That is the race of an upstream's keep-alive timeout with a request: the
+    proxy's liveness check saw an open connection, the upstream closed it
+    unanswered. Every later connection answers normally.
+    """
+    got = []
+
+    def serve(conn):
+        first = not got
+        got.append(read_request_head(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst" if first else
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        while True:
+            head = read_request_head(conn)
+            if not head:
+                return
+            got.append(head)
+            if first:
+                return  # closed unanswered
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+    server = RawServer(serve)
+    server.got = got
+    return server
+
+
+def test_a_get_on_a_pooled_connection_closed_under_it_is_sent_again_on_a_fresh_one(gateway):
+    server = closing_under_the_second_request()
+    try:
+        via = {"X-Test-Upstream": server.url}
+        assert request(gateway.url, "GET", "/race/1", headers=via).body == b"first"
+        reply = request(gateway.url, "GET", "/race/2", headers=via)
+        assert (reply.status, reply.body) == (200, b"fresh")
+        assert reply.header("X-Seen-Attempts") == "1"  # the policy's single attempt was not used up
+        assert server.accepted == 2
+        assert [head.split(b" ")[1] for head in server.got] == [b"/race/1", b"/race/2", b"/race/2"]
+    finally:
+        server.close()
+
+
+def test_a_post_whose_body_went_out_on_a_connection_closed_under_it_is_not_sent_again(gateway):
+    server = closing_under_the_second_request()
+    try:
+        via = {"X-Test-Upstream": server.url}
+        assert request(gateway.url, "POST", "/race/1", body=b"a", headers=via).body == b"first"
+        reply = request(gateway.url, "POST", "/race/2", body=b"charge-once", headers=via)
+        assert reply.status == 502 and reply.error_type() == "upstream_unreachable"
+        assert [head.split(b" ")[1] for head in server.got] == [b"/race/1", b"/race/2"]
+    finally:
+        server.close()
+
+
+def test_idle_pooled_connections_are_dropped_after_pool_idle_timeout(upstream):
+    g = Gunicorn("tests.apps.gateway:app", env={"TEST_UPSTREAM": upstream.url, "TEST_POOL_IDLE": "0.3"}).start()
+    try:
+        prefix = f"/pool-idle-timeout/{uuid.uuid4().hex}"
+        for i, pause in enumerate((0, 0.05, 0.05, 0.6, 0.05)):
+            time.sleep(pause)
+            assert request(g.url, "GET", f"{prefix}/{i}").status == 200
+        ports = [seen.peer_port for seen in upstream.seen(prefix)]
+        assert ports[0] == ports[1] == ports[2]  # reused while fresh
+        assert ports[3] != ports[2] and ports[4] == ports[3]  # a new one after the idle pause
+    finally:
+        g.stop()

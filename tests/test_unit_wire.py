@@ -109,6 +109,9 @@ def test_interim_responses_are_skipped_but_101_is_final():
     (b"HTTP/1.1 abc OK\r\n\r\n", BadStatusLine),
     (b"HTTP/1.1 200 OK\r\nX: a\rInjected: 1\r\n\r\n", HTTPException),  # bare CR
     (b"HTTP/1.1 200 OK\r\nX: a\0b\r\n\r\n", HTTPException),  # NUL
+    (b"HTTP/1.1 200 OK\r\nX: a\x01b\r\n\r\n", HTTPException),  # other controls: gunicorn refuses them
+    (b"HTTP/1.1 200 OK\r\nX: a\x1b[31m\r\n\r\n", HTTPException),
+    (b"HTTP/1.1 200 OK\r\nX: a\x7f\r\n\r\n", HTTPException),  # DEL
     (b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n", HTTPException),  # obs-fold
     (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", HTTPException),
     (b"HTTP/1.1 200 OK\r\nX Y: z\r\n\r\n", HTTPException),  # space in a name
@@ -121,6 +124,12 @@ def test_malformed_heads_are_refused_in_both_parsers(head, error):
     for buffer in (2048, 8):
         with pytest.raises(error):
             read_head(_reader(head, buffer))
+
+
+def test_a_tab_inside_a_header_value_is_a_valid_value_in_both_parsers():
+    for buffer in (2048, 8):
+        _, headers = read_head(_reader(b"HTTP/1.1 200 OK\r\nX: a\tb\r\n\r\n", buffer))
+        assert headers["X"] == "a\tb"
 
 
 # -- body framing ------------------------------------------------------------------

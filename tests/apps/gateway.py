@@ -16,6 +16,8 @@ SETTINGS = {
 for key, env in (("max_request_body_bytes", "TEST_MAX_REQUEST"), ("max_response_body_bytes", "TEST_MAX_RESPONSE")):
     if env in os.environ:
         SETTINGS[key] = int(os.environ[env])
+if "TEST_POOL_IDLE" in os.environ:
+    SETTINGS["pool_idle_timeout"] = float(os.environ["TEST_POOL_IDLE"])
 
 
 class TestGateway(Proxy):
@@ -52,6 +54,10 @@ class TestGateway(Proxy):
             res.headers["X-Evil"] = "a\r\nInjected: 1"
             res.body = "x"
             return True
+        if path.startswith("/hook-res-ctl"):
+            res.headers["X-Ctl"] = "a\x01b"
+            res.body = "x"
+            return True
         if path.startswith("/hook-badpath"):
             ureq.path = "evil.example/x"
         if path.startswith("/hook-method-crlf"):  # a method taken from client input, unchecked
@@ -72,6 +78,7 @@ class TestGateway(Proxy):
         res.headers["X-Seen-Attempts"] = str(ures.attempts)
         res.headers["X-Seen-Retries"] = str(req.ivars.get("proxy_retry_count"))
         res.headers["X-Seen-Error"] = ures.error.type if ures.error else "none"
+        res.headers["X-Seen-Upstream"] = ures.upstream or "none"
         res.headers["X-Worker-Pid"] = str(os.getpid())
         if req.path.startswith("/after-raise"):
             raise ValueError("boom from after_forward")
