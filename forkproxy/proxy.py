@@ -206,7 +206,11 @@ class Proxy:
         ures.status, ures.headers = resp.status, resp.headers
         req.environ[ENV_UPSTREAM_STATUS] = resp.status
         if (stream_wanted or is_event_stream(resp.headers)) and _may_have_body(req.method, resp.status):
-            return StreamRelay(self, req, resp, upstream).reply()
+            try:
+                return StreamRelay(self, req, resp, upstream).reply()
+            except BaseException:
+                resp.close()  # nobody else will: the relay never took the connection
+                raise
         ures.body = read_body(resp, self.max_response_body_bytes, upstream)
         req.environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - started:.6f}"  # buffered: head and body
         res.status, res.body = resp.status, ures.body

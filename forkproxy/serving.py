@@ -34,13 +34,16 @@ def default_trusted() -> TrustedProxies:
 
 
 def configure_worker(worker: Any) -> None:
-    """Adopt a gunicorn worker's settings: trusted peers and the error log.
+    """Adopt a gunicorn worker's settings: trusted peers and the error log; watch for its stop.
 
     ``worker.cfg`` holds the final values however they were given (config
     file, flags, GUNICORN_CMD_ARGS), which the app cannot see otherwise.
     """
     global _server_trusted
+    from . import shutdown  # gevent: only in the worker, after it patched
+
     _server_trusted = TrustedProxies(worker.cfg.forwarded_allow_ips)
+    shutdown.watch(worker)
     ours, theirs = logging.getLogger("forkproxy"), logging.getLogger("gunicorn.error")
     ours.handlers = list(theirs.handlers)
     ours.setLevel(theirs.level)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 from http.client import HTTPException
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import gevent
 import gevent.queue
@@ -19,7 +19,8 @@ import urllib3
 from urllib3.exceptions import DecodeError
 from urllib3.response import BaseHTTPResponse, MultiDecoder
 
-from . import headers as header_rules
+from . import headers as header_rules, shutdown
+from .errors import BadUpstreamResponse
 from .inbound import REQUEST_ID_HEADER
 from .messages import Request, StreamStats, StreamWriter, describe
 from .metrics import metrics
@@ -36,6 +37,7 @@ log = logging.getLogger("forkproxy")
 # An SSE comment line: ignored by every client, but it crosses the network,
 # so intermediaries keep an idle stream open and a gone client shows.
 HEARTBEAT = b": keep-alive\n\n"
+_DECODE_STEP = 64 * 1024  # the most one decode of a compressed event stream gives
 
 
 def is_event_stream(headers: urllib3.HTTPHeaderDict) -> bool:
@@ -48,7 +50,10 @@ def content_decoder(headers: urllib3.HTTPHeaderDict) -> MultiDecoder | None:
     codings = [c for c in codings if c and c != "identity"]
     if not codings or not all(c in BaseHTTPResponse.CONTENT_DECODERS for c in codings):
         return None
-    return MultiDecoder(",".join(codings))
+    try:
+        return MultiDecoder(",".join(codings))
+    except DecodeError as exc:  # more codings than urllib3 will chain
+        raise BadUpstreamResponse(f"event stream with an unusable Content-Encoding: {exc}") from None
 
 
 class StreamAborted(ConnectionResetError):
@@ -76,6 +81,8 @@ class StreamRelay:
         self.stats = StreamStats(req)
         self.out = StreamWriter()
         self._units: Iterator[bytes] | None = None
+        self.greenlet: gevent.Greenlet | None = None  # the request's, while the relay runs
+        self.stopping = False  # the worker is stopping: shutdown.stop_all ended this stream
 
     def reply(self) -> tuple[int, list[tuple[str, str]], "StreamRelay"]:
         drop = ("content-encoding",) if self.decoder else ()
@@ -101,17 +108,26 @@ class StreamRelay:
         else:
             self._units.close()
 
+    def stop(self) -> None:
+        """Called by ``shutdown.stop_all``: end the stream now, from another greenlet."""
+        self.stopping = True
+        if self.greenlet is not None:
+            self.greenlet.kill(shutdown.WorkerStopping, block=False)
+
     # -- the relay ---------------------------------------------------------
 
     def _relay(self) -> Iterator[bytes]:
         proxy, out, stats = self.proxy, self.out, self.stats
         failure = None
+        stop_reading = _nothing
         counters = metrics()
         if counters.enabled:
             counters.active_streams.inc()
-        next_units, stop_reading = self._unit_source()
+        self.greenlet = gevent.getcurrent()
+        shutdown.opened(self)
         try:
             yield b""  # the server sends status and headers now, not with the first unit
+            next_units, stop_reading = self._unit_source()
             while (units := next_units()) is not None:
                 for unit in units:
                     if unit is HEARTBEAT:
@@ -126,11 +142,14 @@ class StreamRelay:
                     pending = out.take()
                     if pending:
                         yield b"".join(pending) if len(pending) > 1 else pending[0]
-        except GeneratorExit:  # the server closed us: the client went away
-            stats.client_disconnected = True
+        except GeneratorExit:  # the server closed us: the client went away, or the worker stopped us
             out.discarding = True
             stop_reading()
-            self.resp.close()
+            if self.stopping:
+                self._cut("worker stopping")
+            else:
+                stats.client_disconnected = True
+                self.resp.close()
             self._end()
             raise
         except _HookFailed as exc:
@@ -138,12 +157,21 @@ class StreamRelay:
             log.error("%s: %s", describe(self.req), failure, exc_info=exc.__cause__)
         except _UpstreamFailed as exc:
             failure = str(exc)
+        except BaseException as exc:
+            # The worker is stopping (forkproxy's shutdown, or gunicorn killing what outlived
+            # graceful_timeout), or something unforeseen broke: the stream still ends once, billed.
+            stop_reading()
+            out.discarding = True
+            reason = "worker stopping" if self.stopping else f"{type(exc).__name__} {exc}".strip()
+            self._cut(reason, exc_info=isinstance(exc, Exception))
+            self._end()
+            if isinstance(exc, (Exception, shutdown.WorkerStopping)):
+                raise StreamAborted(reason) from exc  # gunicorn closes the connection quietly
+            raise
         finally:
             stop_reading()
         if failure is not None:
-            stats.errored = True
-            self.resp.close()
-            log.warning("%s: stream cut after %d units: %s", describe(self.req), stats.chunk_count, failure)
+            self._cut(failure)
         else:
             self.resp.release()
         self._end()
@@ -153,7 +181,14 @@ class StreamRelay:
         if failure is not None:
             raise StreamAborted(failure)
 
+    def _cut(self, reason: str, exc_info: bool = False) -> None:
+        self.stats.errored = True
+        self.resp.close()
+        log.warning("%s: stream cut after %d units: %s", describe(self.req), self.stats.chunk_count, reason,
+                    exc_info=exc_info)
+
     def _end(self) -> None:
+        shutdown.closed(self)
         stats = self.stats
         counters = metrics()
         if counters.enabled:
@@ -205,22 +240,33 @@ class StreamRelay:
     def _body_pieces(self) -> Callable[[], list[bytes] | None]:
         """A function giving the body bytes of one read (whole chunks for a chunked body), None at the end.
 
-        A compressed event stream is decoded here, piece by piece, so the
-        framer and the hooks see its events.
+        A compressed event stream is decoded here so the framer and the hooks
+        see its events, at most ``_DECODE_STEP`` bytes per call: a small gzip
+        body can expand a thousandfold, and what one read brought is decoded
+        over as many calls as that takes, the framer checking each step
+        against ``max_event_bytes``.
         """
         pieces, decoder = self.resp.pieces(waiting=self.sse), self.decoder
         if decoder is None:
             return pieces
+        step = min(_DECODE_STEP, self.proxy.max_event_bytes)
 
-        def decoded() -> list[bytes] | None:
-            got = pieces()
+        def undo(decode: Callable[..., bytes], *args: Any) -> bytes:
             try:
-                if got is None:
-                    rest = decoder.flush()
-                    return [rest] if rest else None
-                return [data for data in map(decoder.decompress, got) if data]
+                return decode(*args)
             except Exception as exc:  # zlib.error, brotli.error, ...: the body is not what it claims
                 raise DecodeError(f"undecodable {self.resp.headers['content-encoding']} body: {exc}") from exc
+
+        def decoded() -> list[bytes] | None:
+            while not decoder.has_unconsumed_tail:
+                got = pieces()
+                if got is None:
+                    rest = undo(decoder.flush)
+                    return [rest] if rest else None
+                data = got[0] if len(got) == 1 else b"".join(got)  # [] when a read held only chunk framing
+                if data and (data := undo(decoder.decompress, data, step)):
+                    return [data]
+            return [undo(decoder.decompress, b"", step)]
         return decoded
 
     # -- the upstream connection --------------------------------------------

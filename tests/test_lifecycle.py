@@ -1,10 +1,12 @@
 """Real signals to the real gunicorn: graceful stop, reload under load, a killed worker."""
 import os
+import re
 import signal
 import threading
 import time
 import uuid
 
+from tests.conftest import Records
 from tests.support.client import StreamClient, request
 from tests.support.gunicorn import Gunicorn
 from tests.support.servers import event_stream
@@ -128,3 +130,32 @@ def test_a_worker_killed_under_load_costs_only_its_in_flight_requests(upstream):
     finally:
         stop.set()
         g.stop()
+
+
+def test_a_stream_that_outlives_graceful_timeout_is_still_billed_once(upstream, tmp_path):
+    # gunicorn kills the greenlets left after graceful_timeout; on_stream_end must run all the same.
+    path = f"/term-kill-{uuid.uuid4().hex}"
+    upstream.route(path, _one_event_then_silence())
+    records = Records(tmp_path / "records.jsonl")
+    g = Gunicorn("tests.apps.streams:app", env={"TEST_UPSTREAM": upstream.url, "TEST_RECORDS": str(records.path),
+                                                "TEST_IDLE": "30", "FORKPROXY_GRACEFUL_TIMEOUT": "1"}).start()
+    try:
+        client = StreamClient(g.url, path)
+        client.read_head()
+        assert client.next_chunk() == b"data: 0\n\n"
+        g.proc.send_signal(signal.SIGTERM)
+        record = records.wait_one(path, timeout=15)
+        assert (record["chunk_count"], record["errored"], record["client_disconnected"]) == (1, True, False)
+        assert g.wait_exit(20) == 0
+        assert re.search(rf"GET {path}: stream cut after 1 units: worker stopping", g.log()), g.log()[-3000:]
+        client.close()
+    finally:
+        g.stop()
+
+
+def _one_event_then_silence():
+    def route(h, s):
+        h.start_chunked(content_type="text/event-stream")
+        h.chunk(b"data: 0\n\n")
+        time.sleep(8)  # longer than the graceful timeout, shorter than the idle timeout
+    return route

@@ -1,4 +1,5 @@
 """Streams that break: upstream failures, client departures, hook errors."""
+import gzip
 import socket
 import threading
 import time
@@ -7,6 +8,7 @@ import uuid
 import pytest
 
 from tests.support.client import StreamClient, Truncated, request
+from tests.support.gunicorn import rss_kib
 from tests.support.servers import RawServer, event_stream, read_request_head
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -173,5 +175,84 @@ def test_failure_before_the_head_is_a_json_error_not_a_stream(streams):
     try:
         reply = request(streams.url, "GET", "/x", headers={"X-Test-Upstream": server.url, "X-Test-Stream": "1"})
         assert reply.status == 502 and reply.error_type() == "upstream_unreachable"
+    finally:
+        server.close()
+
+
+# -- compressed event streams: every decode bounded, every failure lets the connection go
+
+GZIP_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def sends_then_waits_for_close(body, closed):
+    def script(conn):
+        conn.sendall(body)
+        conn.settimeout(10)
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        closed.set()
+    return script
+
+
+def test_a_gzip_bomb_in_an_event_stream_is_cut_at_max_event_bytes_without_expanding_in_memory(streams):
+    bomb = gzip.compress(b"data: " + b"x" * (96 * 1024 * 1024), compresslevel=9)  # ~96 KiB on the wire
+    closed = threading.Event()
+    server = raw_upstream(sends_then_waits_for_close(GZIP_HEAD + chunk(bomb) + b"0\r\n\r\n", closed))
+    worker = streams.worker_pids()[0]
+    peak_before = rss_kib(worker, "VmHWM")
+    path = unique()
+    try:
+        got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url})
+        assert got == []
+        record = streams.records.wait_one(path)
+        assert record["errored"] and record["chunk_count"] == 0
+        streams.wait_for_log(rf"GET {path}: stream cut after 0 units: incomplete event of \d+ bytes exceeds 65536")
+        assert closed.wait(5), "the upstream connection was left open"
+        assert rss_kib(worker, "VmHWM") - peak_before < 16 * 1024  # a whole decode of one read is 64 MiB
+    finally:
+        server.close()
+
+
+def test_a_compressed_event_stream_of_many_events_arrives_whole_across_bounded_decodes(streams):
+    events = [b"data: %d %s\n\n" % (i, b"y" * 200) for i in range(3000)]  # 620 KiB from ~10 KiB
+    packed = gzip.compress(b"".join(events), compresslevel=9)
+    server = raw_upstream(lambda conn: conn.sendall(GZIP_HEAD + chunk(packed) + b"0\r\n\r\n"))
+    path = unique()
+    try:
+        client = StreamClient(streams.url, path, headers={"X-Test-Upstream": server.url})
+        assert client.read_head() == 200
+        assert b"".join(client.read_rest()) == b"".join(events)
+        record = streams.records.wait_one(path)
+        assert (record["chunk_count"], record["errored"]) == (3000, False)
+    finally:
+        server.close()
+
+
+def test_an_undecodable_compressed_event_stream_is_cut_and_its_connection_closed(streams):
+    closed = threading.Event()
+    garbage = chunk(b"\x1f\x8b\x08\x00not-gzip-at-all" * 10)
+    server = raw_upstream(sends_then_waits_for_close(GZIP_HEAD + garbage, closed))
+    path = unique()
+    try:
+        read_until_cut(streams, path, **{"X-Test-Upstream": server.url})
+        assert streams.records.wait_one(path)["errored"]
+        streams.wait_for_log(rf"GET {path}: stream cut after 0 units: .*undecodable gzip body")
+        assert closed.wait(5), "the upstream connection was left open"
+    finally:
+        server.close()
+
+
+def test_an_event_stream_with_more_codings_than_can_be_undone_is_502_and_its_connection_closed(streams):
+    closed = threading.Event()
+    head = GZIP_HEAD.replace(b"Content-Encoding: gzip", b"Content-Encoding: " + b", ".join([b"gzip"] * 6))
+    server = raw_upstream(sends_then_waits_for_close(head + chunk(b"x"), closed))
+    try:
+        reply = request(streams.url, "GET", unique(), headers={"X-Test-Upstream": server.url})
+        assert reply.status == 502 and reply.error_type() == "bad_upstream_response"
+        assert closed.wait(5), "the upstream connection was left open"
     finally:
         server.close()
