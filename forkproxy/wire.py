@@ -179,21 +179,33 @@ class Framing(NamedTuple):
 
 
 def body_framing(method: str, status: StatusLine, headers: HTTPHeaderDict) -> Framing:
-    """Chunked, a length, or to the close; a coding other than chunked is read to the close, never by length."""
-    codings = header_getlist(headers, "transfer-encoding")
-    chunked = bool(codings) and ",".join(codings).strip().lower() == "chunked"
+    """Chunked, a length, or to the close; HTTPException for a body forkproxy cannot relay exactly.
+
+    A transfer coding other than chunked (``gzip, chunked``, or ``gzip`` to
+    the close) would reach the client undone, with no header saying so:
+    refused, as is a 101 that nobody asked for (forkproxy sends no upgrade
+    outside a tunnel). ``identity``, which RFC 9112 no longer lists, is no
+    coding: such a body runs to the close, never by a Content-Length.
+    """
+    codings = [c for c in _codings(header_getlist(headers, "transfer-encoding")) if c != "identity"]
+    if status.status == 101:
+        raise HTTPException("upstream switched protocols (101) though no upgrade was asked for")
+    chunked = codings == ["chunked"]
+    if codings and not chunked:
+        raise HTTPException(f"transfer coding {', '.join(codings)!r} cannot be relayed (only chunked is undone)")
     tokens = connection_named(headers)
     will_close = "close" in tokens or (status.version == 10 and "keep-alive" not in tokens)
-    length = None if codings else content_length(header_getlist(headers, "content-length"))
-    if status.status == 101:  # never asked for (upgrades are refused): nothing more can be read as HTTP
-        return Framing(False, 0, True)
+    has_te = "transfer-encoding" in headers
+    length = None if has_te else content_length(header_getlist(headers, "content-length"))
     if status.status in _NO_BODY_STATUSES or method == "HEAD":
         return Framing(False, 0, will_close)
-    if codings and not chunked:
-        will_close = True  # a coding we do not frame by: the body runs to the close
     if not chunked and length is None:
         will_close = True
     return Framing(chunked, length, will_close)
+
+
+def _codings(values: list[str]) -> list[str]:
+    return [c.strip().lower() for value in values for c in value.split(",") if c.strip()]
 
 
 def content_length(values: list[str]) -> int | None:

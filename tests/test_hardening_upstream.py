@@ -1,5 +1,6 @@
 """Upstream faults beyond the basic error table: each gives the contract's answer,
 a log line with the reason, and a worker that keeps serving others meanwhile."""
+import gzip
 import socket
 import threading
 import time
@@ -84,3 +85,15 @@ def test_upstream_interim_100_continue_is_skipped(gateway):
     with answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok") as server:
         reply = request(gateway.url, "POST", "/cont", body=b"x", headers=via(server))
         assert (reply.status, reply.body) == (201, b"ok")
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+])
+def test_a_transfer_coding_forkproxy_cannot_undo_or_an_unsolicited_101_is_502(gateway, head):
+    payload = gzip.compress(b"data: 1\n\n")
+    with answering(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)) as server:
+        reply = request(gateway.url, "GET", "/te-gzip", headers=via(server))
+        assert reply.status == 502 and reply.error_type() == "bad_upstream_response"

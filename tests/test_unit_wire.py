@@ -144,7 +144,7 @@ def _framing(head: bytes, method: str = "GET"):
     (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n", "GET", (False, 5, False)),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n", "GET", (True, None, False)),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\nContent-Length: 9\r\n", "GET", (True, None, False)),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 9\r\n", "GET", (False, None, True)),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 9\r\n", "GET", (False, None, True)),
     (b"HTTP/1.1 200 OK\r\n", "GET", (False, None, True)),  # to the close
     (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n", "GET", (False, 5, True)),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: Keep-Alive, CLOSE\r\n", "GET", (False, 5, True)),
@@ -155,10 +155,21 @@ def _framing(head: bytes, method: str = "GET"):
     (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n", "HEAD", (False, 0, False)),
     (b"HTTP/1.1 204 No Content\r\n", "GET", (False, 0, False)),
     (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n", "GET", (False, 0, False)),
-    (b"HTTP/1.1 101 Switching Protocols\r\n", "GET", (False, 0, True)),
 ])
 def test_body_framing_follows_rfc_9112_section_6_3(head, method, expected):
     assert tuple(_framing(head, method)) == expected
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n",  # would reach the client gzipped, unsaid
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n",  # never asked for
+])
+def test_a_body_that_cannot_be_relayed_exactly_is_refused(head):
+    with pytest.raises(HTTPException):
+        _framing(head)
 
 
 @pytest.mark.parametrize("value", [b"5, 6", b"-1", b"+5", b"0x5", b"5 5", b"", b"\xb2", b"5, \xb9"])
