@@ -8,12 +8,15 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["forkproxy", "forkproxy.*"]),
     python_requires=">=3.10",
+    # The releases the suite runs against. forkproxy overrides parts of urllib3's pools
+    # and gunicorn's logger, and times its shutdown to gunicorn's: .ci/run also runs the
+    # suite against the newest releases, so a new one that breaks them shows there first.
     install_requires=[
-        "gevent>=24.10.1",
-        "gunicorn[gevent]>=23",
+        "gevent>=26.9,<27",
+        "gunicorn[gevent]>=27,<28",
         "packaging",  # gunicorn's gevent worker imports it
-        "prometheus-client>=0.17",
-        "urllib3>=2.2,<3",
+        "prometheus-client>=0.17,<1",
+        "urllib3>=2.6,<2.9",  # 2.6: bounded decodes (max_length)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "trustme"],

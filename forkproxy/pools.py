@@ -7,6 +7,12 @@ is forkproxy's: the head goes out in one write and the response head is read
 strictly by ``wire.read_head`` into an ``UpstreamReply``. http.client's
 request and response objects cost more than the rest of a proxied request
 (see the README's benchmark section) and parse heads laxly.
+
+urllib3 internals this relies on, and why: ``_make_request`` (the exchange
+itself), ``_get_conn`` and ``_put_conn`` (dropping idle connections; a reply
+returns its connection with ``_put_conn``, as urllib3's own responses do).
+Everything else goes through public API. setup.py pins the urllib3 releases
+this is tested with, and CI runs the suite once more against the newest.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Any
 from gevent.monkey import get_original
 from urllib3.connection import HTTPConnection, HTTPSConnection, port_by_scheme
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import SSLError
+from urllib3.exceptions import ReadTimeoutError, SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.timeout import Timeout
 
@@ -32,6 +38,7 @@ from .wire import RequestHead, body_framing, host_header, read_head
 _os_poll = get_original("select", "poll")
 _JOIN_BODY_BELOW = 16 * 1024  # smaller bodies go out in the same write as the head
 _SEND_ERRNOS_TO_READ_PAST = (errno.EPROTOTYPE, errno.ECONNRESET)
+_WOULD_BLOCK = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
 
 
 class _Alive:
@@ -122,23 +129,28 @@ class _Exchange:
             framing = body_framing(method, status, reply_headers)
         except BaseException as exc:
             fp.close()  # else the reader would keep the socket open after urllib3 closes the connection
-            if isinstance(exc, (BaseSSLError, OSError)):
-                self._raise_timeout(err=exc, url=url, timeout_value=read_timeout)
+            _raise_if_timeout(exc, self, url, read_timeout)
             raise
         return UpstreamReply(self, conn, fp, status, reply_headers, framing)
 
     def _connect(self, conn: HTTPConnection, url: str) -> None:
         """Connect (and for https, handshake and verify) a connection that has no socket yet."""
+        if not conn.is_closed:
+            return
         try:
             try:
-                self._validate_conn(conn)  # https: connects and verifies
-                if conn.sock is None:
-                    conn.connect()
+                conn.connect()
             except (socket.timeout, BaseSSLError) as exc:
-                self._raise_timeout(err=exc, url=url, timeout_value=conn.timeout)
+                _raise_if_timeout(exc, self, url, conn.timeout)
                 raise
         except (BaseSSLError, CertificateError) as exc:
             raise SSLError(exc) from exc
+
+
+def _raise_if_timeout(exc: BaseException, pool: HTTPConnectionPool, url: str, seconds: Any) -> None:
+    """A socket timeout (or TLS's "would block") becomes urllib3's ReadTimeoutError, which its retries know."""
+    if isinstance(exc, socket.timeout) or getattr(exc, "errno", None) in _WOULD_BLOCK:
+        raise ReadTimeoutError(pool, url, f"Read timed out. (read timeout={seconds})") from exc
 
 
 def _send(sock: socket.socket, head: bytes, body: bytes | None) -> bool:
