@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from .errors import ProxyError, UpstreamBodyTooLarge
-from .reply import UpstreamReply
-from .upstream import body_error
-from .urls import Upstream
+from .upstream.failures import body_error
+from .upstream.members import BaseURL
+from .upstream.reply import UpstreamReply
 
 
-def read_body(reply: UpstreamReply, cap: int, upstream: Upstream) -> bytes:
+def read_body(reply: UpstreamReply, cap: int, upstream: BaseURL) -> bytes:
     """The body as sent (still encoded), or a ProxyError.
 
     The cap is checked against a declared length before reading and against

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping
 
-from .urls import parse_upstream
+from .upstream.members import parse_base_url
 
 MiB = 1024 * 1024
 
@@ -63,7 +63,7 @@ def _upstream(name: str, value: Any) -> str:
     if not value:
         raise ConfigError(f"{name} is not set: give the upstream base URL, e.g. http://127.0.0.1:9000")
     try:
-        parse_upstream(str(value))
+        parse_base_url(str(value))
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     return str(value)

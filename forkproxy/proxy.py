@@ -29,8 +29,8 @@ from .serving import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_ST
                       close_connection_after, default_trusted)
 from .streaming import StreamRelay, is_event_stream
 from .trust import TrustedProxies
-from .upstream import Transport
-from .urls import Upstream, parse_upstream
+from .upstream.members import BaseURL, parse_base_url
+from .upstream.transport import Transport
 
 log = logging.getLogger("forkproxy")
 
@@ -235,10 +235,10 @@ class Proxy:
         forwarded[REQUEST_ID_HEADER] = req.request_id
         return UpstreamRequest(req.method, _call(self.rewrite_path, req.raw_path), forwarded, req.body)
 
-    def _pick_upstream(self, req: Request) -> Upstream:
+    def _pick_upstream(self, req: Request) -> BaseURL:
         base = _call(self.pick_upstream, req)
         try:
-            return parse_upstream(base)
+            return parse_base_url(base)
         except (ValueError, TypeError) as exc:
             raise HookError(f"pick_upstream gave an unusable upstream: {exc}") from None
 
@@ -314,7 +314,7 @@ def _may_have_body(method: str, status: int) -> bool:
     return method != "HEAD" and status >= 200 and status not in (204, 304)
 
 
-def _note_upstream(req: Request, upstream: Upstream, retries: int, started: float) -> None:
+def _note_upstream(req: Request, upstream: BaseURL, retries: int, started: float) -> None:
     elapsed = time.monotonic() - started
     req.ivars["proxy_retry_count"] = retries
     req.environ[ENV_RETRIES] = retries

@@ -25,9 +25,9 @@ from .inbound import REQUEST_ID_HEADER
 from .messages import Request, StreamStats, StreamWriter, describe
 from .metrics import metrics
 from .sse import EventFramer, EventTooLarge
-from .reply import UpstreamReply
-from .upstream import body_error
-from .urls import Upstream
+from .upstream.failures import body_error
+from .upstream.members import BaseURL
+from .upstream.reply import UpstreamReply
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -70,7 +70,7 @@ class StreamAborted(ConnectionResetError):
 class StreamRelay:
     """One streamed response: the upstream body, the hooks, the client."""
 
-    def __init__(self, proxy: "Proxy", req: Request, resp: UpstreamReply, upstream: Upstream) -> None:
+    def __init__(self, proxy: "Proxy", req: Request, resp: UpstreamReply, upstream: BaseURL) -> None:
         self.proxy = proxy
         self.req = req
         self.resp = resp

@@ -2,7 +2,8 @@
 import pytest
 
 from forkproxy.errors import BadRequest
-from forkproxy.urls import parse_upstream, target_path
+from forkproxy.upstream.members import parse_base_url as parse_upstream
+from forkproxy.urls import target_path
 
 
 @pytest.mark.parametrize("target, path", [

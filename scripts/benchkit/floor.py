@@ -57,7 +57,7 @@ class RawClient:
 
 
 def pool_exchange(port: int):
-    from forkproxy.pools import ProxyPool
+    from forkproxy.upstream.exchange import ProxyPool
     from forkproxy.wire import RequestHead
 
     pool = ProxyPool("127.0.0.1", port, maxsize=4, block=False)

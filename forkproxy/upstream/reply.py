@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from urllib3 import HTTPHeaderDict
 
-from .chunked import Dechunker
-from .wire import Framing, StatusLine
+from ..chunked import Dechunker
+from ..wire import Framing, StatusLine
 
 if TYPE_CHECKING:
     from urllib3 import HTTPConnectionPool

@@ -1,4 +1,4 @@
-"""Talking to the upstream: per-process urllib3 pools and error mapping.
+"""Talking to the upstream: the per-process urllib3 pools, one per upstream origin.
 
 Pools are made lazily in the process that uses them and forgotten in a forked
 child, so a gunicorn master never owns sockets its workers would share.
@@ -6,26 +6,18 @@ child, so a gunicorn master never owns sockets its workers would share.
 from __future__ import annotations
 
 import os
-from http.client import HTTPException, IncompleteRead
-from typing import Any
+from http.client import HTTPException
 
 import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    MaxRetryError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-)
+from urllib3.exceptions import MaxRetryError
 
-from .errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
-from . import headers as header_rules
-from .messages import UpstreamRequest
-from .urls import Upstream
-from .pools import POOL_CLASSES, ProxyPool, ProxyTLSPool
+from .. import headers as header_rules
+from ..messages import UpstreamRequest
+from ..wire import RequestHead
+from .exchange import POOL_CLASSES, ProxyPool, ProxyTLSPool
+from .failures import head_error
+from .members import BaseURL
 from .reply import UpstreamReply
-from .wire import RequestHead
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
@@ -52,7 +44,7 @@ class Transport:
         """Drop pools inherited over fork without touching their sockets."""
         self._pools = {}
 
-    def pool(self, upstream: Upstream) -> ProxyPool | ProxyTLSPool:
+    def pool(self, upstream: BaseURL) -> ProxyPool | ProxyTLSPool:
         key = (upstream.scheme, upstream.host, upstream.port)
         pool = self._pools.get(key)
         if pool is None:
@@ -66,7 +58,7 @@ class Transport:
 
     def send(
         self,
-        upstream: Upstream,
+        upstream: BaseURL,
         ureq: UpstreamRequest,
         *,
         retries: urllib3.Retry,
@@ -108,36 +100,3 @@ def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
     return headers
 
 
-def head_error(exc: Any, upstream: Upstream) -> ProxyError:
-    """Map a failure before the response head to the contract's error."""
-    where = upstream.origin
-    if isinstance(exc, NewConnectionError):  # before ConnectTimeoutError: it is a subclass
-        return UpstreamUnreachable(f"cannot connect to upstream {where}: {_reason(exc)}")
-    if isinstance(exc, ConnectTimeoutError):
-        return UpstreamTimeout(f"connect to upstream {where} timed out")
-    if isinstance(exc, ReadTimeoutError):
-        return UpstreamTimeout(f"upstream {where} sent no response head in time")
-    if isinstance(exc, SSLError):
-        return UpstreamUnreachable(f"TLS with upstream {where} failed: {_reason(exc)}")
-    inner = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc
-    if isinstance(inner, (ConnectionError, TimeoutError)) or type(inner) is OSError:
-        return UpstreamUnreachable(f"upstream {where} closed the connection before a response head")
-    if isinstance(inner, HTTPException):
-        return BadUpstreamResponse(f"upstream {where} sent a malformed response head: {_reason(inner)}")
-    return UpstreamUnreachable(f"upstream {where} failed before a response head: {_reason(exc)}")
-
-
-def body_error(exc: BaseException, upstream: Upstream) -> ProxyError:
-    """Map a failure while reading a response body to the contract's error."""
-    where = upstream.origin
-    if isinstance(exc, ReadTimeoutError) or isinstance(exc, TimeoutError):
-        return UpstreamTimeout(f"upstream {where} went silent while sending the body")
-    inner = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc
-    if isinstance(inner, IncompleteRead):
-        return BadUpstreamResponse(f"upstream {where} body ended short of its length")
-    return BadUpstreamResponse(f"upstream {where} broke off the body: {_reason(exc)}")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.split(": ", 1)[-1] if isinstance(exc, NewConnectionError) else text

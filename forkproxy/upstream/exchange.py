@@ -31,9 +31,9 @@ from urllib3.exceptions import ReadTimeoutError, SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.timeout import Timeout
 
+from ..retry import IDEMPOTENT_METHODS
+from ..wire import RequestHead, body_framing, host_header, read_head
 from .reply import READ_BUFFER, UpstreamReply
-from .retry import IDEMPOTENT_METHODS
-from .wire import RequestHead, body_framing, host_header, read_head
 
 _os_poll = get_original("select", "poll")
 _JOIN_BODY_BELOW = 16 * 1024  # smaller bodies go out in the same write as the head
