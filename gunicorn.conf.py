@@ -35,14 +35,16 @@ timeout = 30
 # FORWARDED_ALLOW_IPS or 127.0.0.1,::1). forkproxy follows the same setting.
 # Behind nginx on another host, set it to that host's address.
 
-# Access log with what the proxy adds: request ID, upstream status, upstream seconds, retries.
+# Access log with what the proxy adds: request ID, upstream status, the upstream (pool member) that
+# answered or was tried last as host:port, upstream seconds, retries.
 accesslog = os.environ.get("FORKPROXY_ACCESS_LOG", "-")
 access_log_format = (
     '%(h)s "%(r)s" %(s)s %(B)s %(L)ss '
     'id=%({forkproxy.request_id}e)s '
     'upstream=%({forkproxy.upstream_status}e)s '
     'upstream_time=%({forkproxy.upstream_time}e)ss '
-    'retries=%({forkproxy.retries}e)s'
+    'retries=%({forkproxy.retries}e)s '
+    'upstream_addr=%({forkproxy.upstream}e)s'
 )
 errorlog = "-"
 loglevel = os.environ.get("FORKPROXY_LOG_LEVEL", "info")

@@ -15,12 +15,13 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "config": ("ConfigError",),
-    "errors": ("BadRequest", "BadUpstreamResponse", "HookError", "InternalError", "PayloadTooLarge", "ProxyError",
-               "UpgradeNotSupported", "UpstreamBodyTooLarge", "UpstreamTimeout", "UpstreamUnreachable"),
+    "errors": ("BadRequest", "BadUpstreamResponse", "HookError", "InternalError", "NoLiveUpstream", "PayloadTooLarge",
+               "ProxyError", "UpgradeNotSupported", "UpstreamBodyTooLarge", "UpstreamTimeout", "UpstreamUnreachable"),
     "messages": ("Request", "Response", "StreamStats", "StreamWriter", "UpstreamRequest", "UpstreamResponse"),
     "proxy": ("HOOK_NAMES", "Proxy"),
     "retry": ("IDEMPOTENT_METHODS", "RetryPolicy"),
     "trust": ("TrustedProxies",),
+    "upstream.members": ("Upstream", "UpstreamPool"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -42,9 +43,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .config import ConfigError
-    from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError,
-                         UpgradeNotSupported, UpstreamBodyTooLarge, UpstreamTimeout, UpstreamUnreachable)
+    from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, NoLiveUpstream, PayloadTooLarge,
+                         ProxyError, UpgradeNotSupported, UpstreamBodyTooLarge, UpstreamTimeout, UpstreamUnreachable)
     from .messages import Request, Response, StreamStats, StreamWriter, UpstreamRequest, UpstreamResponse
     from .proxy import HOOK_NAMES, Proxy
     from .retry import IDEMPOTENT_METHODS, RetryPolicy
     from .trust import TrustedProxies
+    from .upstream.members import Upstream, UpstreamPool

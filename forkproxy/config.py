@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping
 
-from .upstream.members import parse_base_url
+from .upstream.members import UpstreamPool, parse_base_url
 
 MiB = 1024 * 1024
 
@@ -59,14 +59,20 @@ def _whole(value: Any) -> int:
     return value
 
 
-def _upstream(name: str, value: Any) -> str:
+def _upstream(name: str, value: Any) -> Any:
+    """A base URL, an ``UpstreamPool`` as it is, or a comma-separated list of URLs made a round-robin pool."""
+    if isinstance(value, UpstreamPool):
+        return value
     if not value:
         raise ConfigError(f"{name} is not set: give the upstream base URL, e.g. http://127.0.0.1:9000")
+    urls = [part.strip() for part in str(value).split(",")]
     try:
-        parse_base_url(str(value))
+        if len(urls) > 1:
+            return UpstreamPool(urls)
+        parse_base_url(urls[0])
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
-    return str(value)
+    return urls[0]
 
 
 def _ca_certs(name: str, value: Any) -> str | None:

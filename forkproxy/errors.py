@@ -64,3 +64,7 @@ class InternalError(ProxyError):
     """A bug in forkproxy itself: still answered as JSON, with the traceback logged."""
 
     status, type = 500, "internal_error"
+
+
+class NoLiveUpstream(ProxyError):
+    status, type = 502, "no_live_upstream"

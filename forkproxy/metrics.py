@@ -33,6 +33,11 @@ class Metrics:
                                     multiprocess_mode="livesum")
         self.stream_units = Counter("forkproxy_stream_units_total", "Stream units relayed")
         self.stream_bytes = Counter("forkproxy_stream_bytes_total", "Stream bytes read from upstreams")
+        # Health is kept per worker: a member is up here only while every worker sees it up.
+        self.upstream_up = Gauge("forkproxy_upstream_up", "1 while the pool member is live (in every worker)",
+                                 ["upstream"], multiprocess_mode="min")
+        self.marked_down = Counter("forkproxy_upstream_marked_down_total", "Times a pool member was marked down",
+                                   ["upstream"])
 
     @classmethod
     def from_env(cls) -> "Metrics":
@@ -47,6 +52,11 @@ class Metrics:
         self.upstream_latency.labels(upstream).observe(seconds)
         if retries:
             self.retries.labels(upstream).inc(retries)
+
+    def member_state(self, upstream: str, live: bool, counted: bool = True) -> None:
+        self.upstream_up.labels(upstream).set(1 if live else 0)
+        if not live and counted:
+            self.marked_down.labels(upstream).inc()
 
     def stream_ended(self, units: int, nbytes: int) -> None:
         self.stream_units.inc(units)

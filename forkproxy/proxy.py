@@ -29,7 +29,7 @@ from .serving import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_ST
                       close_connection_after, default_trusted)
 from .streaming import StreamRelay, is_event_stream
 from .trust import TrustedProxies
-from .upstream.members import BaseURL, parse_base_url
+from .upstream.members import BaseURL, FixedRoute, PoolRoute, UpstreamPool, fixed_route
 from .upstream.transport import Transport
 
 log = logging.getLogger("forkproxy")
@@ -53,9 +53,9 @@ class Proxy:
     plain functions with ``@proxy.hook``. Settings are plain attributes.
     """
 
-    upstream: str | None = None
+    upstream: "str | UpstreamPool | None" = None
 
-    def __init__(self, upstream: str | None = None, **settings: Any) -> None:
+    def __init__(self, upstream: "str | UpstreamPool | None" = None, **settings: Any) -> None:
         """Settings given as class attributes of a subclass are its defaults; keywords override them."""
         cls = type(self)
         given = {name: getattr(cls, name) for name in ("upstream", *DEFAULTS) if hasattr(cls, name)}
@@ -70,8 +70,8 @@ class Proxy:
 
     # -- hooks -------------------------------------------------------------
 
-    def pick_upstream(self, req: Request) -> str:
-        """Base URL for this request: scheme, host, port, optional prefix."""
+    def pick_upstream(self, req: Request) -> "str | UpstreamPool":
+        """Base URL for this request (scheme, host, port, optional prefix), or a pool of them."""
         return self.upstream
 
     def rewrite_path(self, path: str) -> str:
@@ -170,7 +170,7 @@ class Proxy:
             body = close_connection_after(body, req.environ)
         counters = metrics()
         if counters.enabled:
-            counters.answered(req.method, res.status, req.environ.get(ENV_UPSTREAM, "-"),
+            counters.answered(req.method, res.status, ures.upstream or "-",
                               ures.error.type if ures.error else None)
         return res.status, reply_headers, body
 
@@ -192,17 +192,16 @@ class Proxy:
         if _call(self.before_forward, req, res, ureq):
             return None
         _check_upstream_request(ureq)
-        upstream = self._pick_upstream(req)
-        req.environ[ENV_UPSTREAM] = ures.upstream = upstream.origin
+        route = self._route(req)
         policy = _call(self.retry_policy, req)
-        retries = policy.to_urllib3()
+        retries = policy.to_urllib3(route if isinstance(route, PoolRoute) else None)
         stream_wanted = _call(self.stream_request, req)
         started = time.monotonic()
         try:
-            resp = self.transport.send(upstream, ureq, retries=retries, timeout=self._timeout())
+            resp = self.transport.send(route, ureq, retries=retries, timeout=self._timeout())
         finally:
-            _note_upstream(req, upstream, retries.count.retries, started)
-            ures.attempts = retries.count.retries + 1
+            _note_upstream(req, ures, route.base, retries.count.retries, started)
+        upstream = route.base
         ures.status, ures.headers = resp.status, resp.headers
         req.environ[ENV_UPSTREAM_STATUS] = resp.status
         if (stream_wanted or is_event_stream(resp.headers)) and _may_have_body(req.method, resp.status):
@@ -235,10 +234,13 @@ class Proxy:
         forwarded[REQUEST_ID_HEADER] = req.request_id
         return UpstreamRequest(req.method, _call(self.rewrite_path, req.raw_path), forwarded, req.body)
 
-    def _pick_upstream(self, req: Request) -> BaseURL:
-        base = _call(self.pick_upstream, req)
+    def _route(self, req: Request) -> FixedRoute | PoolRoute:
+        """The way this request takes: to the one base URL ``pick_upstream`` gave, or through its pool."""
+        picked = _call(self.pick_upstream, req)
+        if isinstance(picked, UpstreamPool):
+            return picked.route()
         try:
-            return parse_base_url(base)
+            return fixed_route(picked)
         except (ValueError, TypeError) as exc:
             raise HookError(f"pick_upstream gave an unusable upstream: {exc}") from None
 
@@ -314,11 +316,18 @@ def _may_have_body(method: str, status: int) -> bool:
     return method != "HEAD" and status >= 200 and status not in (204, 304)
 
 
-def _note_upstream(req: Request, upstream: BaseURL, retries: int, started: float) -> None:
+def _note_upstream(req: Request, ures: UpstreamResponse, upstream: BaseURL | None, retries: int,
+                   started: float) -> None:
+    """What hooks, the access log and metrics see of the attempts: how many, how long, the member tried last."""
     elapsed = time.monotonic() - started
+    ures.attempts = retries + 1
     req.ivars["proxy_retry_count"] = retries
     req.environ[ENV_RETRIES] = retries
     req.environ[ENV_UPSTREAM_TIME] = f"{elapsed:.6f}"
+    if upstream is None:  # a pool with every member down: nothing was contacted
+        return
+    ures.upstream = upstream.origin
+    req.environ[ENV_UPSTREAM] = upstream.host_port
     counters = metrics()
     if counters.enabled:
         counters.upstream_done(upstream.origin, elapsed, retries)

@@ -57,7 +57,7 @@ def test_json_access_log_lines(upstream):
         record = json.loads(line)
         assert record["path"] == path and record["query"] == "a=1" and record["method"] == "GET"
         assert (record["status"], record["upstream_status"], record["retries"]) == (200, 200, 0)
-        assert record["upstream"] == upstream.url and record["upstream_seconds"] >= 0
+        assert record["upstream"] == f"127.0.0.1:{upstream.port}" and record["upstream_seconds"] >= 0
     finally:
         g.stop()
 

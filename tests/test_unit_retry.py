@@ -5,7 +5,7 @@ import pytest
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from forkproxy import RetryPolicy
-from forkproxy.retry import PolicyRetry
+from forkproxy.retry import Failover, PolicyRetry
 
 
 def test_defaults():
@@ -41,11 +41,12 @@ def test_jitter_sleeps_a_random_part_of_the_backoff():
     assert all(0 <= s <= 1000 for s in samples) and len(samples) > 1
 
 
-def retry_after(policy, *errors):
-    r = policy.to_urllib3()
-    for err in errors:
-        r = r.increment("GET", "/x", error=err)
-    return r
+def retried(r, method, url, **kw):
+    """The Retry for the next attempt: each retry the policy allows leaves urlopen as a Failover carrying it."""
+    with pytest.raises(Failover) as move:
+        r.increment(method, url, **kw)
+    assert move.value.counted
+    return move.value.retry
 
 
 def test_urllib3_sleeps_backoff_for_n_before_retry_n():
@@ -53,15 +54,15 @@ def test_urllib3_sleeps_backoff_for_n_before_retry_n():
     sleeps = []
     with mock.patch("time.sleep", sleeps.append):
         for _ in range(3):
-            r = r.increment("GET", "/x", error=ProtocolError("reset"))
+            r = retried(r, "GET", "/x", error=ProtocolError("reset"))
             r.sleep()
     assert sleeps == [0.1, 0.2, 0.4]
 
 
 def test_attempts_run_out_after_max_attempts_and_the_count_survives():
     r = RetryPolicy(max_attempts=3).to_urllib3()
-    r = r.increment("GET", "/x", error=ProtocolError("a"))
-    r = r.increment("GET", "/x", error=ProtocolError("b"))
+    r = retried(r, "GET", "/x", error=ProtocolError("a"))
+    r = retried(r, "GET", "/x", error=ProtocolError("b"))
     with pytest.raises(MaxRetryError):
         r.increment("GET", "/x", error=ProtocolError("c"))
     assert r.count.retries == 2
@@ -84,7 +85,7 @@ def test_methods_outside_retry_methods_are_not_retried_after_sending():
 def test_a_failed_connect_is_retried_for_any_method():
     r = RetryPolicy(max_attempts=2, retry_methods=["GET"]).to_urllib3()
     err = NewConnectionError(None, "refused")
-    assert r.increment("POST", "/x", error=err).count.retries == 1
+    assert retried(r, "POST", "/x", error=err).count.retries == 1
 
 
 def test_retry_after_is_capped_at_max_backoff_and_only_for_429_and_503():
@@ -99,7 +100,7 @@ def test_retry_after_is_capped_at_max_backoff_and_only_for_429_and_503():
 
 
 def test_unparseable_retry_after_falls_back_to_the_backoff():
-    r = RetryPolicy(max_attempts=2, base_backoff_ms=70).to_urllib3().increment("GET", "/x", error=ProtocolError("x"))
+    r = retried(RetryPolicy(max_attempts=2, base_backoff_ms=70).to_urllib3(), "GET", "/x", error=ProtocolError("x"))
     sleeps = []
     with mock.patch("time.sleep", sleeps.append):
         r.sleep(mock.Mock(status=503, headers={"Retry-After": "soon-ish"}))
@@ -114,13 +115,13 @@ def test_new_keeps_the_policy():
 
 def test_a_failure_after_sending_is_retried_for_idempotent_methods_only_unless_the_policy_names_the_method():
     default = RetryPolicy(max_attempts=3).to_urllib3()
-    default.increment("GET", "/x", error=ProtocolError("reset after sending"))
-    default.increment("TRACE", "/x", error=ProtocolError("reset after sending"))
+    retried(default, "GET", "/x", error=ProtocolError("reset after sending"))
+    retried(default, "TRACE", "/x", error=ProtocolError("reset after sending"))
     with pytest.raises(ProtocolError):
         default.increment("POST", "/x", error=ProtocolError("reset after sending"))
     assert default.is_retry("POST", 503)  # the upstream's own "not processed" answer
     named = RetryPolicy(max_attempts=3, retry_methods=["POST"]).to_urllib3()
-    named.increment("POST", "/x", error=ProtocolError("reset after sending"))
+    retried(named, "POST", "/x", error=ProtocolError("reset after sending"))
     with pytest.raises(ProtocolError):
         named.increment("GET", "/x", error=ProtocolError("reset after sending"))
 

@@ -1,10 +1,26 @@
-"""Upstream members and their URLs (no I/O)."""
+"""Upstreams: base URLs, pool members, pools, and one request's way through a pool.
+
+Balancing and health are kept per pool and per worker process (as nginx keeps
+them without a shared zone): a pool is a long-lived object, built once at
+import, and each gunicorn worker holds its own copy of its state.
+"""
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import logging
+import time
+from typing import Collection, Iterable, NamedTuple
 
 from urllib3.util import parse_url
+
+from ..errors import NoLiveUpstream
+from ..metrics import metrics
+from .balance import SmoothWeighted, least_busy
+from .health import Health, Rules
+
+log = logging.getLogger("forkproxy")
+
+BALANCES = ("round_robin", "least_busy")
 
 
 class BaseURL(NamedTuple):
@@ -17,8 +33,13 @@ class BaseURL(NamedTuple):
 
     @property
     def origin(self) -> str:
+        return f"{self.scheme}://{self.host_port}"
+
+    @property
+    def host_port(self) -> str:
+        """How the access log names the upstream."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{host}:{self.port}"
 
     def join(self, path: str) -> str:
         """The request target on the upstream: prefix + path."""
@@ -40,3 +61,184 @@ def parse_base_url(url: str) -> BaseURL:
     port = parsed.port or (443 if scheme == "https" else 80)
     host = parsed.host.strip("[]")
     return BaseURL(scheme, host, port, (parsed.path or "").rstrip("/"))
+
+
+class Upstream:
+    """One member of a pool: a base URL, its share of the traffic, and whether it is a backup."""
+
+    __slots__ = ("url", "weight", "backup", "base")
+
+    def __init__(self, url: str, weight: int = 1, backup: bool = False) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise ValueError(f"Upstream weight must be a whole number of at least 1: {weight!r}")
+        try:
+            self.base = parse_base_url(url)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"Upstream url: {exc}") from None
+        self.url, self.weight, self.backup = url, weight, bool(backup)
+
+    def __repr__(self) -> str:
+        extra = (f", weight={self.weight}" if self.weight != 1 else "") + (", backup=True" if self.backup else "")
+        return f"Upstream({self.url!r}{extra})"
+
+
+class UpstreamPool:
+    """Members that share a request's traffic: balanced, watched (passive health), failed over."""
+
+    def __init__(self, members: Iterable[Upstream | str], balance: str = "round_robin", max_fails: int = 1,
+                 fail_timeout: float = 10, max_fail_timeout: float = 300,
+                 fail_on_status: Collection[int] = (502, 503, 504)) -> None:
+        self.members = [m if isinstance(m, Upstream) else Upstream(m) for m in _listed(members)]
+        if not self.members:
+            raise ValueError("UpstreamPool members: give at least one upstream")
+        if balance not in BALANCES:
+            raise ValueError(f"UpstreamPool balance must be one of {', '.join(BALANCES)}: {balance!r}")
+        _at_least("max_fails", max_fails, 1, whole=True)
+        _at_least("fail_timeout", fail_timeout, 0)
+        _at_least("max_fail_timeout", max_fail_timeout, fail_timeout)
+        self.balance = balance
+        self.rules = Rules(max_fails, float(fail_timeout), float(max_fail_timeout))
+        self.fail_on_status = frozenset(fail_on_status)
+        self.health = [Health() for _ in self.members]
+        self.in_flight = [0] * len(self.members)
+        self._order = SmoothWeighted([m.weight for m in self.members])
+        self._primaries = [i for i, m in enumerate(self.members) if not m.backup]
+        self._backups = [i for i, m in enumerate(self.members) if m.backup]
+        self._announced = False
+
+    def __repr__(self) -> str:
+        return f"UpstreamPool({self.members!r}, balance={self.balance!r})"
+
+    def route(self) -> "PoolRoute":
+        return PoolRoute(self)
+
+    # -- for PoolRoute -------------------------------------------------------
+
+    def choose(self, tried: Collection[int], now: float) -> tuple[int, bool]:
+        """(member, whether this is its trial); backups only while no primary may take a request."""
+        self._announce()
+        live = [i for i in self._primaries if self.health[i].available(now)]
+        if not live:
+            live = [i for i in self._backups if self.health[i].available(now)]
+        if not live:
+            raise NoLiveUpstream("every upstream of the pool is marked down; none was contacted")
+        candidates = [i for i in live if i not in tried] or live
+        if len(candidates) == 1:
+            chosen = candidates[0]
+        elif self.balance == "least_busy":
+            chosen = least_busy(candidates, self.in_flight, self._order)
+        else:
+            chosen = self._order.pick(candidates)
+        self.in_flight[chosen] += 1
+        return chosen, self.health[chosen].chosen(now)
+
+    def untried_available(self, tried: Collection[int], now: float) -> bool:
+        return any(i not in tried and self.health[i].available(now) for i in self._primaries + self._backups)
+
+    def failed(self, i: int, reason: str, trial: bool, now: float) -> None:
+        if len(self.members) == 1:
+            return  # a pool of one is never marked down: there is nowhere else to go
+        period = self.health[i].failed(now, self.rules, trial)
+        if period is not None:
+            health = self.health[i]
+            log.warning("upstream %s marked down for %gs (time %d in a row): %s", self.members[i].base.origin,
+                        period, health.ejections, reason)
+            self._report(i, live=False)
+
+    def succeeded(self, i: int, trial: bool, now: float) -> None:
+        down_for = self.health[i].succeeded(now, trial)
+        if down_for is not None:
+            log.info("upstream %s live again after %.1fs down", self.members[i].base.origin, down_for)
+            self._report(i, live=True)
+
+    def _announce(self) -> None:
+        if not self._announced:
+            self._announced = True
+            for i in range(len(self.members)):
+                self._report(i, live=self.health[i].live, counted=False)
+
+    def _report(self, i: int, *, live: bool, counted: bool = True) -> None:
+        counters = metrics()
+        if counters.enabled:
+            counters.member_state(self.members[i].base.origin, live, counted=counted)
+
+
+@functools.lru_cache(maxsize=256)
+def fixed_route(url: str) -> "FixedRoute":
+    """The route to one base URL; it keeps no state, so one serves every request."""
+    return FixedRoute(parse_base_url(url))
+
+
+class FixedRoute:
+    """A request to one base URL: every attempt goes there, and no health is kept."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: BaseURL) -> None:
+        self.base = base
+
+    def next(self) -> BaseURL:
+        return self.base
+
+    def can_fail_over(self) -> bool:
+        return False
+
+    def failed(self, reason: str) -> None:
+        pass
+
+    def answered(self, status: int) -> None:
+        pass
+
+    def done(self) -> None:
+        pass
+
+
+class PoolRoute:
+    """One request's way through a pool: the members tried so far and the one in use."""
+
+    __slots__ = ("pool", "tried", "current", "trial", "base")
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.tried: list[int] = []
+        self.current = -1
+        self.trial = False
+        self.base: BaseURL | None = None  # the member tried last
+
+    def next(self) -> BaseURL:
+        """The member for the next attempt: one not tried yet while one may take it."""
+        self.current, self.trial = self.pool.choose(self.tried, time.monotonic())
+        if self.current not in self.tried:
+            self.tried.append(self.current)
+        self.base = self.pool.members[self.current].base
+        return self.base
+
+    def can_fail_over(self) -> bool:
+        """Whether a failed connect can move to a member not tried yet (it sent nothing)."""
+        return self.pool.untried_available(self.tried, time.monotonic())
+
+    def failed(self, reason: str) -> None:
+        self.pool.failed(self.current, reason, self.trial, time.monotonic())
+
+    def answered(self, status: int) -> None:
+        if status in self.pool.fail_on_status:
+            self.failed(f"answered {status}")
+        else:
+            self.pool.succeeded(self.current, self.trial, time.monotonic())
+
+    def done(self) -> None:
+        """The attempt's exchange is over (failed, or its reply read or abandoned)."""
+        self.pool.in_flight[self.current] -= 1
+
+
+def _listed(members: Iterable[Upstream | str]) -> list[Upstream | str]:
+    if isinstance(members, (str, Upstream)):
+        raise ValueError("UpstreamPool members: give a list of upstreams, not one")
+    return list(members)
+
+
+def _at_least(name: str, value: float, minimum: float, whole: bool = False) -> None:
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value >= minimum:
+        raise ValueError(f"UpstreamPool {name} must be {'a whole number' if whole else 'a number'} "
+                         f"of at least {minimum:g}: {value!r}")

@@ -32,7 +32,7 @@ BODY_READ = 64 * 1024  # the most one read of a body asks for
 class UpstreamReply:
     """Status, headers and the unread body of one upstream response."""
 
-    __slots__ = ("status", "reason", "version", "headers", "framing", "_fp", "_conn", "_pool", "_done")
+    __slots__ = ("status", "reason", "version", "headers", "framing", "on_release", "_fp", "_conn", "_pool", "_done")
 
     def __init__(self, pool: "HTTPConnectionPool", conn: "HTTPConnection", fp: BinaryIO,
                  status: StatusLine, headers: HTTPHeaderDict, framing: Framing) -> None:
@@ -45,6 +45,7 @@ class UpstreamReply:
         self._conn: "HTTPConnection | None" = conn
         self._pool = pool
         self._done = framing.length == 0 and not framing.chunked
+        self.on_release: Callable[[], None] | None = None  # told once the exchange is over
 
     # -- what urllib3's urlopen and Retry ask of a response -----------------
 
@@ -166,6 +167,8 @@ class UpstreamReply:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if self.on_release is not None:
+            self.on_release()
         self._fp.close()  # the reader, not the socket: it is the connection's
         if not self._done or self.framing.will_close:
             conn.close()

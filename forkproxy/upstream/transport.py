@@ -16,7 +16,9 @@ from ..messages import UpstreamRequest
 from ..wire import RequestHead
 from .exchange import POOL_CLASSES, ProxyPool, ProxyTLSPool
 from .failures import head_error
-from .members import BaseURL
+from ..errors import NoLiveUpstream
+from ..retry import Failover
+from .members import BaseURL, FixedRoute, PoolRoute
 from .reply import UpstreamReply
 
 # Methods whose empty body is still announced with Content-Length: 0.
@@ -58,7 +60,7 @@ class Transport:
 
     def send(
         self,
-        upstream: BaseURL,
+        route: FixedRoute | PoolRoute,
         ureq: UpstreamRequest,
         *,
         retries: urllib3.Retry,
@@ -66,26 +68,61 @@ class Transport:
     ) -> UpstreamReply:
         """Send ``ureq`` and return the response with its body still unread.
 
-        Raises ``ProxyError`` when no usable response head arrived.
+        Each attempt is one urlopen on the pool of the member ``route``
+        picks; a retry the Retry allows comes back as ``Failover`` and goes
+        to the member picked next. Raises ``ProxyError`` when no usable
+        response head arrived.
         """
-        pool = self.pool(upstream)
-        target = upstream.join(ureq.path)
-        try:
-            return pool.urlopen(
-                ureq.method,
-                target,
-                body=ureq.body or None,
-                headers=RequestHead(ureq.method, target, pool.host_header, wire_headers(ureq)),
-                retries=retries,
-                redirect=False,
-                assert_same_host=False,
-                timeout=timeout,
-                release_conn=False,
-            )
-        except MaxRetryError as exc:
-            raise head_error(exc.reason, upstream) from exc
-        except (urllib3.exceptions.HTTPError, HTTPException, OSError) as exc:
-            raise head_error(exc, upstream) from exc
+        headers = wire_headers(ureq)
+        base = route.next()
+        while True:
+            try:
+                reply = self._attempt(base, ureq, headers, retries, timeout)
+            except Failover as move:
+                if move.response is not None:
+                    route.answered(move.response.status)  # a failure to health only if in fail_on_status
+                else:
+                    route.failed(_why(move.error))
+                route.done()
+                retries = move.retry
+                try:
+                    base = route.next()
+                except NoLiveUpstream:  # the last failure stands: every member is down now
+                    if move.response is not None:
+                        return move.response  # the upstream's own answer goes to the client as it is
+                    raise head_error(move.error, route.base) from move.error
+                if move.response is not None:
+                    move.response.drain_conn()
+                if move.counted:
+                    retries.sleep(move.response)
+                continue
+            except MaxRetryError as exc:
+                route.failed(_why(exc.reason))
+                route.done()
+                raise head_error(exc.reason, base) from exc
+            except (urllib3.exceptions.HTTPError, HTTPException, OSError) as exc:
+                route.failed(_why(exc))
+                route.done()
+                raise head_error(exc, base) from exc
+            route.answered(reply.status)
+            reply.on_release = route.done
+            return reply
+
+    def _attempt(self, base: BaseURL, ureq: UpstreamRequest, headers: urllib3.HTTPHeaderDict,
+                 retries: urllib3.Retry, timeout: urllib3.Timeout) -> UpstreamReply:
+        pool = self.pool(base)
+        target = base.join(ureq.path)
+        return pool.urlopen(
+            ureq.method,
+            target,
+            body=ureq.body or None,
+            headers=RequestHead(ureq.method, target, pool.host_header, headers),
+            retries=retries,
+            redirect=False,
+            assert_same_host=False,
+            timeout=timeout,
+            release_conn=False,
+        )
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
@@ -100,3 +137,9 @@ def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
     return headers
 
 
+
+
+def _why(error: BaseException | None) -> str:
+    """The reason an attempt failed, for the log line of a member marked down."""
+    reason = getattr(error, "reason", None) or error
+    return f"{type(reason).__name__}: {reason}"
