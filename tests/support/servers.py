@@ -41,6 +41,14 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.upstream.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.server.upstream.connections.discard(self.connection)
+        super().finish()
+
     def handle_one_request(self) -> None:
         try:
             super().handle_one_request()
@@ -143,6 +151,7 @@ class Upstream:
         self._routes: dict[str, Callable[[Handler, Seen], None]] = {}
         self._seen: list[Seen] = []
         self._lock = threading.Lock()
+        self.connections: set[socket.socket] = set()
         self.server = Server(("127.0.0.1", 0), Handler)
         self.server.upstream = self
         self.port = self.server.server_address[1]
@@ -168,6 +177,16 @@ class Upstream:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def kill(self) -> None:
+        """Die as a crashed server does: no new connections, and the open ones reset."""
+        self.close()
+        for conn in list(self.connections):
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class RawServer:
