@@ -194,7 +194,7 @@ class Proxy:
         _check_upstream_request(ureq)
         route = self._route(req)
         policy = _call(self.retry_policy, req)
-        retries = policy.to_urllib3(route if isinstance(route, PoolRoute) else None)
+        retries = policy.to_urllib3()
         stream_wanted = _call(self.stream_request, req)
         started = time.monotonic()
         try:

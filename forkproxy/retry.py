@@ -10,7 +10,6 @@ import random
 import time
 from typing import Any, Collection
 
-from urllib3.exceptions import ConnectTimeoutError
 from urllib3.util.retry import Retry
 
 IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))  # RFC 9110 section 9.2.2
@@ -83,11 +82,10 @@ class RetryPolicy:
         ms = self.backoff_for(n)
         return random.uniform(0, ms) if self.jitter else ms
 
-    def to_urllib3(self, route: Any = None) -> "PolicyRetry":
-        """The urllib3 Retry for one request; ``route`` is its way through a pool, if it has one."""
-        if self.max_attempts <= 1 and route is None:
+    def to_urllib3(self) -> "PolicyRetry":
+        if self.max_attempts <= 1:
             return _SINGLE_ATTEMPT  # nothing is ever retried, so one shared object serves every request
-        return PolicyRetry(policy=self, route=route)
+        return PolicyRetry(policy=self)
 
     def __repr__(self) -> str:
         return (f"RetryPolicy(max_attempts={self.max_attempts}, base_backoff_ms={self.base_backoff_ms}, "
@@ -121,16 +119,13 @@ class Failover(Exception):
     urlopen with the Retry that carries the request's retry state (as
     urllib3's PoolManager carries one across hosts on a redirect), and the
     transport sends the next attempt to the member the route picks.
-    ``counted`` is False for a failed connect moving on to a member not yet
-    tried: it sent nothing, so it uses no attempt and sleeps no backoff.
     """
 
-    def __init__(self, retry: "PolicyRetry", *, error: BaseException | None, response: Any, counted: bool) -> None:
+    def __init__(self, retry: "PolicyRetry", *, error: BaseException | None, response: Any) -> None:
         super().__init__(str(error) if error is not None else f"status {getattr(response, 'status', '?')}")
         self.retry = retry
         self.error = error
         self.response = response
-        self.counted = counted
 
 
 class PolicyRetry(Retry):
@@ -142,11 +137,9 @@ class PolicyRetry(Retry):
     transport, which may send it to another pool member (``Failover``).
     """
 
-    def __init__(self, *, policy: RetryPolicy, count: RetryCount | None = None, route: Any = None,
-                 **kw: Any) -> None:
+    def __init__(self, *, policy: RetryPolicy, count: RetryCount | None = None, **kw: Any) -> None:
         self.policy = policy
         self.count = count or RetryCount()
-        self.route = route
         kw.setdefault("total", max(policy.max_attempts, 1) - 1)
         kw.setdefault("redirect", False)
         kw.setdefault("raise_on_status", False)
@@ -155,16 +148,13 @@ class PolicyRetry(Retry):
     def new(self, **kw: Any) -> "PolicyRetry":
         kw.setdefault("policy", self.policy)
         kw.setdefault("count", self.count)
-        kw.setdefault("route", self.route)
         return super().new(**kw)
 
     def increment(self, method: str | None = None, url: str | None = None, response: Any = None,
                   error: Exception | None = None, **kw: Any) -> "PolicyRetry":
-        if isinstance(error, ConnectTimeoutError) and self.route is not None and self.route.can_fail_over():
-            raise Failover(self, error=error, response=None, counted=False)
         retry = super().increment(method, url, response=response, error=error, **kw)  # MaxRetryError when spent
         self.count.retries = len(retry.history)
-        raise Failover(retry, error=error, response=response, counted=True)
+        raise Failover(retry, error=error, response=response)
 
     def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
         return status_code in self.policy.retry_on_status and self.policy.method_retriable(method)

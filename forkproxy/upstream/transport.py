@@ -9,7 +9,7 @@ import os
 from http.client import HTTPException
 
 import urllib3
-from urllib3.exceptions import MaxRetryError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 
 from .. import headers as header_rules
 from ..messages import UpstreamRequest
@@ -78,35 +78,40 @@ class Transport:
         while True:
             try:
                 reply = self._attempt(base, ureq, headers, retries, timeout)
-            except Failover as move:
-                if move.response is not None:
-                    route.answered(move.response.status)  # a failure to health only if in fail_on_status
-                else:
-                    route.failed(_why(move.error))
-                route.done()
-                retries = move.retry
-                try:
-                    base = route.next()
-                except NoLiveUpstream:  # the last failure stands: every member is down now
-                    if move.response is not None:
-                        return move.response  # the upstream's own answer goes to the client as it is
-                    raise head_error(move.error, route.base) from move.error
-                if move.response is not None:
-                    move.response.drain_conn()
-                if move.counted:
-                    retries.sleep(move.response)
-                continue
-            except MaxRetryError as exc:
-                route.failed(_why(exc.reason))
-                route.done()
-                raise head_error(exc.reason, base) from exc
+            except Failover as move:  # the policy allows another attempt
+                error, response, next_retries = move.error, move.response, move.retry
+            except MaxRetryError as exc:  # the policy's attempts are spent
+                error, response, next_retries = exc.reason, None, None
             except (urllib3.exceptions.HTTPError, HTTPException, OSError) as exc:
                 route.failed(_why(exc))
                 route.done()
                 raise head_error(exc, base) from exc
-            route.answered(reply.status)
-            reply.on_release = route.done
-            return reply
+            else:
+                route.answered(reply.status)
+                reply.on_release = route.done
+                return reply
+            if response is not None:
+                route.answered(response.status)  # a failure to health only if in fail_on_status
+            else:
+                route.failed(_why(error))
+            route.done()
+            sent_nothing = isinstance(error, ConnectTimeoutError) and route.can_fail_over()
+            if sent_nothing:  # on to a member not tried yet, using no attempt and sleeping no backoff
+                retries.count.retries = len(retries.history)
+            elif next_retries is None:
+                raise head_error(error, base)
+            else:
+                retries = next_retries
+            try:
+                base = route.next()
+            except NoLiveUpstream:  # the last failure stands: every member is down now
+                if response is not None:
+                    return response  # the upstream's own answer goes to the client as it is
+                raise head_error(error, route.base) from error
+            if response is not None:
+                response.drain_conn()
+            if not sent_nothing:
+                retries.sleep(response)
 
     def _attempt(self, base: BaseURL, ureq: UpstreamRequest, headers: urllib3.HTTPHeaderDict,
                  retries: urllib3.Retry, timeout: urllib3.Timeout) -> UpstreamReply:

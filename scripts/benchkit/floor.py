@@ -8,6 +8,8 @@ the CPU of one 100-byte GET made three ways, alternating blocks of each:
   ``urlopen``'s retry loop, the head written and strictly parsed, body, release;
 - ``forkproxy call``: the whole WSGI call: request objects, header rules,
   hooks, the pool, the reply headers;
+- ``forkproxy pool call``: the same through a 3-member ``UpstreamPool``
+  (balancing, health, the route, the per-request Retry);
 - ``naive call`` and ``werkzeug call``: the peers' WSGI apps from the bench,
   called the same way: app code only, no server.
 
@@ -86,13 +88,14 @@ def wsgi_call(app):
 
 
 def peer_calls(port: int) -> dict:
-    from forkproxy import Proxy
+    from forkproxy import Proxy, UpstreamPool
 
-    os.environ["BENCH_UPSTREAM"] = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    os.environ["BENCH_UPSTREAM"] = url
     from scripts.benchkit import apps  # reads BENCH_UPSTREAM
 
-    return {"forkproxy call": wsgi_call(Proxy(f"http://127.0.0.1:{port}")), "naive call": wsgi_call(apps.naive),
-            "werkzeug call": wsgi_call(apps.werkzeug)}
+    return {"forkproxy call": wsgi_call(Proxy(url)), "forkproxy pool call": wsgi_call(Proxy(UpstreamPool([url] * 3))),
+            "naive call": wsgi_call(apps.naive), "werkzeug call": wsgi_call(apps.werkzeug)}
 
 
 def cpu_per_call(fn, count: int) -> float:
@@ -125,7 +128,7 @@ def main() -> None:
         shutil.rmtree(html, ignore_errors=True)
     print(f"CPU per 100-byte GET, one process (pid {os.getpid()}), minimum of {args.rounds} blocks:")
     for name, us in best.items():
-        print(f"  {name:15s} {us:6.1f} us")
+        print(f"  {name:19s} {us:6.1f} us")
 
 
 if __name__ == "__main__":
