@@ -40,10 +40,12 @@ class RetryPolicy:
         jitter: bool = False,
         retry_methods: Collection[str] | None = None,
     ) -> None:
-        _at_least("max_attempts", max_attempts, 1)
-        _at_least("base_backoff_ms", base_backoff_ms, 0)
-        _at_least("backoff_multiplier", backoff_multiplier, 0)
-        _at_least("max_backoff_ms", max_backoff_ms, 0)
+        # One expression: a policy is made per request, and this must cost next to nothing.
+        if (type(max_attempts) is not int or max_attempts < 1 or type(base_backoff_ms) not in _NUMBERS
+                or not base_backoff_ms >= 0 or type(backoff_multiplier) not in _NUMBERS
+                or not backoff_multiplier >= 0 or type(max_backoff_ms) not in _NUMBERS or not max_backoff_ms >= 0):
+            _refuse(max_attempts=max_attempts, base_backoff_ms=base_backoff_ms,
+                    backoff_multiplier=backoff_multiplier, max_backoff_ms=max_backoff_ms)
         self.max_attempts = max_attempts
         self.base_backoff_ms = base_backoff_ms
         self.backoff_multiplier = backoff_multiplier
@@ -93,9 +95,17 @@ class RetryPolicy:
                 f"max_backoff_ms={self.max_backoff_ms}, jitter={self.jitter}, retry_methods={self.retry_methods})")
 
 
-def _at_least(name: str, value: float, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"RetryPolicy {name} must be a number of at least {minimum}: {value!r}")
+_NUMBERS = (int, float)
+
+
+def _refuse(**values: float) -> None:
+    """Name the first argument out of range."""
+    for name, value in values.items():
+        minimum = 1 if name == "max_attempts" else 0
+        kinds = (int,) if name == "max_attempts" else _NUMBERS
+        if type(value) not in kinds or not value >= minimum:
+            kind = "a whole number" if name == "max_attempts" else "a number"
+            raise ValueError(f"RetryPolicy {name} must be {kind} of at least {minimum}: {value!r}")
 
 
 class RetryCount:

@@ -3,8 +3,8 @@
 Members are separate servers, so each test can see which one answered
 (``X-Seen-Upstream``, set from ``ures.upstream``) and how many requests each got.
 """
-import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -38,9 +38,19 @@ def gateway(*members, **env):
         g.stop()
 
 
+_HELD = []
+
+
 def dead():
-    """A loopback URL where nothing listens: connects are refused."""
-    return f"http://127.0.0.1:{free_port()}"
+    """A loopback URL where nothing listens: connects are refused.
+
+    The port stays bound (not listening) for the rest of the run, so no
+    server started later (a gunicorn of the next test) can be given it.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def answered_by(g, n, path="/x", **headers):
@@ -56,7 +66,10 @@ def test_weighted_round_robin_shares_follow_the_weights(tmp_path):
 
 
 def test_a_refused_member_is_failed_over_without_an_attempt_marked_down_and_tried_again_later():
-    port = free_port()
+    placeholder = socket.socket()  # bound, not listening: refused until the member comes back on it
+    placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    placeholder.bind(("127.0.0.1", 0))
+    port = placeholder.getsockname()[1]
     with servers(1) as (a,), gateway(a.url, f"http://127.0.0.1:{port}", fail_timeout=0.6) as g:
         replies = [request(g.url, "GET", "/x") for _ in range(6)]
         assert [r.status for r in replies] == [200] * 6
@@ -66,6 +79,7 @@ def test_a_refused_member_is_failed_over_without_an_attempt_marked_down_and_trie
         time.sleep(0.7)
         assert answered_by(g, 3) == {a.url: 3}  # one of them was its trial: refused, so down twice as long
         g.wait_for_log(rf"upstream http://127.0.0.1:{port} marked down for 1.2s \(time 2 in a row\)")
+        placeholder.close()
         late_server = _listen_on(port)  # the member comes back on its port
         try:
             time.sleep(1.3)

@@ -30,16 +30,8 @@ class BaseURL(NamedTuple):
     host: str
     port: int
     prefix: str
-
-    @property
-    def origin(self) -> str:
-        return f"{self.scheme}://{self.host_port}"
-
-    @property
-    def host_port(self) -> str:
-        """How the access log names the upstream."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+    host_port: str  # how the access log names the upstream
+    origin: str  # how metrics and ures.upstream name it
 
     def join(self, path: str) -> str:
         """The request target on the upstream: prefix + path."""
@@ -60,7 +52,8 @@ def parse_base_url(url: str) -> BaseURL:
         raise ValueError(f"upstream URL takes no query, fragment or credentials: {url!r}")
     port = parsed.port or (443 if scheme == "https" else 80)
     host = parsed.host.strip("[]")
-    return BaseURL(scheme, host, port, (parsed.path or "").rstrip("/"))
+    host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return BaseURL(scheme, host, port, (parsed.path or "").rstrip("/"), host_port, f"{scheme}://{host_port}")
 
 
 class Upstream:
@@ -101,6 +94,7 @@ class UpstreamPool:
         self.fail_on_status = frozenset(fail_on_status)
         self.health = [Health() for _ in self.members]
         self.in_flight = [0] * len(self.members)
+        self.down = 0  # members not live: while none is, choosing skips the health checks
         self._order = SmoothWeighted([m.weight for m in self.members])
         self._primaries = [i for i, m in enumerate(self.members) if not m.backup]
         self._backups = [i for i, m in enumerate(self.members) if m.backup]
@@ -116,13 +110,17 @@ class UpstreamPool:
 
     def choose(self, tried: Collection[int], now: float) -> tuple[int, bool]:
         """(member, whether this is its trial); backups only while no primary may take a request."""
-        self._announce()
-        live = [i for i in self._primaries if self.health[i].available(now)]
-        if not live:
-            live = [i for i in self._backups if self.health[i].available(now)]
-        if not live:
-            raise NoLiveUpstream("every upstream of the pool is marked down; none was contacted")
-        candidates = [i for i in live if i not in tried] or live
+        if not self._announced:
+            self._announce()
+        if self.down:
+            live = [i for i in self._primaries if self.health[i].available(now)]
+            if not live:
+                live = [i for i in self._backups if self.health[i].available(now)]
+            if not live:
+                raise NoLiveUpstream("every upstream of the pool is marked down; none was contacted")
+        else:
+            live = self._primaries or self._backups  # the common case: nobody is down
+        candidates = ([i for i in live if i not in tried] or live) if tried else live
         if len(candidates) == 1:
             chosen = candidates[0]
         elif self.balance == "least_busy":
@@ -138,9 +136,11 @@ class UpstreamPool:
     def failed(self, i: int, reason: str, trial: bool, now: float) -> None:
         if len(self.members) == 1:
             return  # a pool of one is never marked down: there is nowhere else to go
-        period = self.health[i].failed(now, self.rules, trial)
+        health = self.health[i]
+        was_live = health.live
+        period = health.failed(now, self.rules, trial)
         if period is not None:
-            health = self.health[i]
+            self.down += was_live
             log.warning("upstream %s marked down for %gs (time %d in a row): %s", self.members[i].base.origin,
                         period, health.ejections, reason)
             self._report(i, live=False)
@@ -148,14 +148,14 @@ class UpstreamPool:
     def succeeded(self, i: int, trial: bool, now: float) -> None:
         down_for = self.health[i].succeeded(now, trial)
         if down_for is not None:
+            self.down -= 1
             log.info("upstream %s live again after %.1fs down", self.members[i].base.origin, down_for)
             self._report(i, live=True)
 
     def _announce(self) -> None:
-        if not self._announced:
-            self._announced = True
-            for i in range(len(self.members)):
-                self._report(i, live=self.health[i].live, counted=False)
+        self._announced = True
+        for i in range(len(self.members)):
+            self._report(i, live=self.health[i].live, counted=False)
 
     def _report(self, i: int, *, live: bool, counted: bool = True) -> None:
         counters = metrics()
