@@ -112,14 +112,9 @@ class UpstreamPool:
         """(member, whether this is its trial); backups only while no primary may take a request."""
         if not self._announced:
             self._announce()
-        if self.down:
-            live = [i for i in self._primaries if self.health[i].available(now)]
-            if not live:
-                live = [i for i in self._backups if self.health[i].available(now)]
-            if not live:
-                raise NoLiveUpstream("every upstream of the pool is marked down; none was contacted")
-        else:
-            live = self._primaries or self._backups  # the common case: nobody is down
+        live = self._live(now)
+        if not live:
+            raise NoLiveUpstream("every upstream of the pool is marked down; none was contacted")
         candidates = ([i for i in live if i not in tried] or live) if tried else live
         if len(candidates) == 1:
             chosen = candidates[0]
@@ -131,7 +126,16 @@ class UpstreamPool:
         return chosen, self.health[chosen].chosen(now)
 
     def untried_available(self, tried: Collection[int], now: float) -> bool:
-        return any(i not in tried and self.health[i].available(now) for i in self._primaries + self._backups)
+        """Whether ``choose`` would now give a member not in ``tried``."""
+        return any(i not in tried for i in self._live(now))
+
+    def _live(self, now: float) -> list[int]:
+        """The members that may take a request now: primaries, or backups while no primary may."""
+        if not self.down:
+            return self._primaries or self._backups  # the common case: nobody is down
+        health = self.health
+        return ([i for i in self._primaries if health[i].available(now)]
+                or [i for i in self._backups if health[i].available(now)])
 
     def failed(self, i: int, reason: str, trial: bool, now: float) -> None:
         if len(self.members) == 1:
