@@ -256,3 +256,18 @@ def test_pool_health_shows_in_metrics(tmp_path):
             assert re.search(r'forkproxy_upstream_marked_down_total\{upstream="http://127.0.0.1:\d+"\} 1\.0', text)
         finally:
             g.stop()
+
+
+def test_a_member_that_accepts_and_never_answers_times_out_is_marked_down_and_the_retry_goes_elsewhere():
+    hold = threading.Event()
+    silent = RawServer(lambda conn: (read_request_head(conn), hold.wait(10)))
+    with servers(1) as (b,), gateway(silent.url, b.url, timeout=0.5) as g:
+        try:
+            replies = [request(g.url, "GET", "/slow", headers={"X-Test-Retry": "2"}) for _ in range(4)]
+            assert [r.status for r in replies] == [200] * 4
+            assert {r.header("X-Seen-Upstream") for r in replies} == {b.url}
+            assert silent.accepted == 1  # marked down after its one timeout
+            g.wait_for_log(rf"upstream {silent.url} marked down for 10s .*ReadTimeoutError")
+        finally:
+            hold.set()
+            silent.close()
