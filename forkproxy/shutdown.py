@@ -46,10 +46,6 @@ def closed(item: Stoppable) -> None:
     _open.discard(item)
 
 
-def open_count() -> int:
-    return len(_open)
-
-
 def watch(worker: Any) -> None:
     """From ``post_worker_init``: end this worker's streams before its graceful time runs out."""
     gevent.spawn(_watch, worker, float(worker.cfg.graceful_timeout))

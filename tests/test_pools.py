@@ -59,7 +59,7 @@ def answered_by(g, n, path="/x", **headers):
     return Counter(r.header("X-Seen-Upstream") for r in replies)
 
 
-def test_weighted_round_robin_shares_follow_the_weights(tmp_path):
+def test_weighted_round_robin_shares_follow_the_weights():
     with servers(2) as (a, b), gateway(f"{a.url}*3", b.url) as g:
         assert answered_by(g, 80) == {a.url: 60, b.url: 20}
         assert "upstream_addr=127.0.0.1:" in g.log()
@@ -80,7 +80,7 @@ def test_a_refused_member_is_failed_over_without_an_attempt_marked_down_and_trie
         assert answered_by(g, 3) == {a.url: 3}  # one of them was its trial: refused, so down twice as long
         g.wait_for_log(rf"upstream http://127.0.0.1:{port} marked down for 1.2s \(time 2 in a row\)")
         placeholder.close()
-        late_server = _listen_on(port)  # the member comes back on its port
+        late_server = Server(port)  # the member comes back on its port
         try:
             time.sleep(1.3)
             seen = answered_by(g, 6)
@@ -88,20 +88,6 @@ def test_a_refused_member_is_failed_over_without_an_attempt_marked_down_and_trie
             g.wait_for_log(rf"upstream http://127.0.0.1:{port} live again after [0-9.]+s down")
         finally:
             late_server.close()
-
-
-def _listen_on(port):
-    from http.server import ThreadingHTTPServer
-    from tests.support.servers import Handler
-
-    class Own(Server):
-        def __init__(self):  # an Upstream on a chosen port
-            self._routes, self._seen, self._lock, self.connections = {}, [], threading.Lock(), set()
-            self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-            self.server.upstream = self
-            self.port, self.url = port, f"http://127.0.0.1:{port}"
-            threading.Thread(target=self.server.serve_forever, daemon=True).start()
-    return Own()
 
 
 def test_a_member_answering_503_is_marked_down_and_the_retry_goes_to_another():
@@ -240,7 +226,7 @@ def test_a_bad_list_in_forkproxy_upstream_stops_the_start_with_one_line():
         g.stop()
 
 
-def test_pool_health_shows_in_metrics(tmp_path):
+def test_pool_health_shows_in_metrics():
     port = free_port()
     with servers(1) as (a,):
         g = Gunicorn("tests.apps.pools:app", env={"TEST_MEMBERS": f"{a.url},{dead()}",

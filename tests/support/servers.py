@@ -147,12 +147,12 @@ def event_stream(count: int, *, gap: float = 0.0,
 class Upstream:
     """A programmable upstream: ``route(prefix, fn)``; unknown paths echo."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self._routes: dict[str, Callable[[Handler, Seen], None]] = {}
         self._seen: list[Seen] = []
         self._lock = threading.Lock()
         self.connections: set[socket.socket] = set()
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", port), Handler)
         self.server.upstream = self
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
