@@ -36,7 +36,8 @@ timeout = 30
 # Behind nginx on another host, set it to that host's address.
 
 # Access log with what the proxy adds: request ID, upstream status, the upstream (pool member) that
-# answered or was tried last as host:port, upstream seconds, retries.
+# answered or was tried last as host:port, upstream seconds, retries; a tunnel's line (status 101,
+# written when it ends) has the bytes from the upstream as %(B)s and those from the client as bytes_in.
 accesslog = os.environ.get("FORKPROXY_ACCESS_LOG", "-")
 access_log_format = (
     '%(h)s "%(r)s" %(s)s %(B)s %(L)ss '
@@ -44,7 +45,8 @@ access_log_format = (
     'upstream=%({forkproxy.upstream_status}e)s '
     'upstream_time=%({forkproxy.upstream_time}e)ss '
     'retries=%({forkproxy.retries}e)s '
-    'upstream_addr=%({forkproxy.upstream}e)s'
+    'upstream_addr=%({forkproxy.upstream}e)s '
+    'bytes_in=%({forkproxy.bytes_in}e)s'
 )
 errorlog = "-"
 loglevel = os.environ.get("FORKPROXY_LOG_LEVEL", "info")

@@ -17,9 +17,10 @@ setup(
         "packaging",  # gunicorn's gevent worker imports it
         "prometheus-client>=0.17,<1",
         "urllib3>=2.6,<2.9",  # 2.6: bounded decodes (max_length)
+        "wsproto>=1.2,<2",  # WebSocket framing for tunnels with message hooks
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "trustme"],
+        "test": ["pytest>=8", "pytest-timeout", "trustme", "websockets>=13"],
         "bench": ["werkzeug", "proxy.py", "py-spy"],
     },
     license="MIT",

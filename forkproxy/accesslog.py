@@ -176,8 +176,9 @@ class JsonAccessLogger(AccessLogger):
               "status": "s", "bytes": "B", "seconds": "L", "user_agent": "a", "referer": "f",
               "request_id": "{forkproxy.request_id}e", "upstream": "{forkproxy.upstream}e",
               "upstream_status": "{forkproxy.upstream_status}e",
-              "upstream_seconds": "{forkproxy.upstream_time}e", "retries": "{forkproxy.retries}e"}
-    NUMBERS = {"status": int, "bytes": int, "retries": int, "upstream_status": int,
+              "upstream_seconds": "{forkproxy.upstream_time}e", "retries": "{forkproxy.retries}e",
+              "bytes_in": "{forkproxy.bytes_in}e"}
+    NUMBERS = {"status": int, "bytes": int, "bytes_in": int, "retries": int, "upstream_status": int,
                "seconds": float, "upstream_seconds": float}
 
     def line(self, atoms: Atoms) -> str:

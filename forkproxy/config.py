@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping
 
+from .headers import TOKEN_RE
 from .upstream.members import UpstreamPool, parse_base_url
 
 MiB = 1024 * 1024
@@ -23,6 +24,9 @@ DEFAULTS: dict[str, Any] = {
     # (Node.js and uvicorn: 5 s), so a pooled connection is dropped by us before it can be
     # closed under a request; gunicorn's 2 s is covered by the retry on a fresh connection.
     "pool_idle_timeout": 4.0,
+    "allowed_upgrades": ("websocket",),
+    "tunnel_idle_timeout": 300.0,
+    "max_ws_message_bytes": 16 * MiB,
 }
 
 
@@ -83,6 +87,19 @@ def _ca_certs(name: str, value: Any) -> str | None:
     return str(value)
 
 
+def _protocols(name: str, value: Any) -> tuple[str, ...]:
+    """Upgrade protocol names, lower-cased: a tuple (or list) of tokens, or one comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        names = tuple(str(item).strip().lower() for item in items)
+    except TypeError:
+        raise ConfigError(f"{name}: must be a tuple of protocol names: {value!r}") from None
+    bad = [n for n in names if not TOKEN_RE.fullmatch(n)]
+    if bad:
+        raise ConfigError(f"{name}: not a protocol name: {bad[0]!r}")
+    return names
+
+
 _OFF = " (0 turns it off)"
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "upstream": _upstream,
@@ -96,6 +113,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "ca_certs": _ca_certs,
     "pool_maxsize": _number(_whole, minimum=1),
     "pool_idle_timeout": _number(float, above=True),
+    "allowed_upgrades": _protocols,
+    "tunnel_idle_timeout": _number(float, above=True),
+    "max_ws_message_bytes": _number(_whole, minimum=1),
 }
 
 
@@ -124,6 +144,7 @@ ENVIRONMENT = {
     "FORKPROXY_SSE_HEARTBEAT_SECS": "sse_heartbeat_secs",
     "FORKPROXY_CA_CERTS": "ca_certs",
     "FORKPROXY_POOL_IDLE_TIMEOUT": "pool_idle_timeout",
+    "FORKPROXY_TUNNEL_IDLE_TIMEOUT": "tunnel_idle_timeout",
 }
 RETRY_ENVIRONMENT = {"FORKPROXY_RETRY_ATTEMPTS": 1, "FORKPROXY_RETRY_BACKOFF_MS": 100}
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote
 
 from urllib3 import HTTPHeaderDict
@@ -174,3 +174,63 @@ class StreamWriter:
     def take(self) -> list[bytes]:
         pending, self._pending = self._pending, []
         return pending
+
+
+class TunnelStats:
+    """What one tunnel carried, for ``on_tunnel_end`` (and ``on_ws_message``'s counting).
+
+    ``closed_by`` is the side that ended it first: ``"client"``, ``"upstream"``,
+    ``"idle"`` (``tunnel_idle_timeout`` with no byte either way) or ``"proxy"``
+    (a message over the cap, a hook that failed, the worker stopping).
+    """
+
+    __slots__ = ("req", "bytes_from_client", "bytes_from_upstream", "messages_from_client",
+                 "messages_from_upstream", "closed_by", "errored", "meta")
+
+    def __init__(self, req: Request | None = None) -> None:
+        self.req = req
+        self.bytes_from_client = 0
+        self.bytes_from_upstream = 0
+        self.messages_from_client = 0
+        self.messages_from_upstream = 0
+        self.closed_by = ""
+        self.errored = False
+        self.meta: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return (f"<TunnelStats client={self.bytes_from_client}B/{self.messages_from_client}msg "
+                f"upstream={self.bytes_from_upstream}B/{self.messages_from_upstream}msg "
+                f"closed_by={self.closed_by or '-'} errored={self.errored}>")
+
+
+class WebSocketMessage:
+    """One complete WebSocket data message: ``data`` is str for text, bytes for binary."""
+
+    __slots__ = ("data", "from_client")
+
+    def __init__(self, data: str | bytes, from_client: bool) -> None:
+        self.data = data
+        self.from_client = from_client
+
+    def __repr__(self) -> str:
+        kind = "text" if isinstance(self.data, str) else "binary"
+        return f"<WebSocketMessage {kind} {len(self.data)} from {'client' if self.from_client else 'upstream'}>"
+
+
+class MessageWriter:
+    """``out`` of ``on_ws_message``: each ``send`` passes a message on in the direction of the one handled.
+
+    A str goes as a text message, bytes as binary; not calling it drops the message.
+    """
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Callable[[str | bytes], None]) -> None:
+        self._send = send
+
+    def send(self, data: str | bytes) -> None:
+        if isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
+        if not isinstance(data, (str, bytes)):
+            raise TypeError(f"out.send takes str or bytes, not {type(data).__name__}")
+        self._send(data)

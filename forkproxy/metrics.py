@@ -33,6 +33,10 @@ class Metrics:
                                     multiprocess_mode="livesum")
         self.stream_units = Counter("forkproxy_stream_units_total", "Stream units relayed")
         self.stream_bytes = Counter("forkproxy_stream_bytes_total", "Stream bytes read from upstreams")
+        self.active_tunnels = Gauge("forkproxy_active_tunnels", "Tunnels (WebSocket) open now",
+                                    multiprocess_mode="livesum")
+        self.tunnel_bytes = Counter("forkproxy_tunnel_bytes_total", "Bytes carried by tunnels, by the side that sent them",
+                                    ["source"])
         # Health is kept per worker: a member is up here only while every worker sees it up.
         self.upstream_up = Gauge("forkproxy_upstream_up", "1 while the pool member is live (in every worker)",
                                  ["upstream"], multiprocess_mode="min")
@@ -61,6 +65,10 @@ class Metrics:
     def stream_ended(self, units: int, nbytes: int) -> None:
         self.stream_units.inc(units)
         self.stream_bytes.inc(nbytes)
+
+    def tunnel_ended(self, from_client: int, from_upstream: int) -> None:
+        self.tunnel_bytes.labels("client").inc(from_client)
+        self.tunnel_bytes.labels("upstream").inc(from_upstream)
 
 
 _metrics: Metrics | None = None

@@ -16,19 +16,20 @@ from typing import Any, Callable, Iterable
 
 import urllib3
 
-from . import headers as header_rules
+from . import handshake, headers as header_rules
 from .buffered import read_body
 from .config import DEFAULTS, check_settings
-from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError,
-                     UpgradeNotSupported)
+from .errors import BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError
 from .inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
 from .metrics import metrics
-from .messages import Request, Response, StreamStats, StreamWriter, UpstreamRequest, UpstreamResponse, describe
+from .messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
+                       UpstreamResponse, WebSocketMessage, describe)
 from .retry import RetryPolicy
 from .serving import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS, ENV_UPSTREAM_TIME,
                       close_connection_after, default_trusted)
 from .streaming import StreamRelay, is_event_stream
 from .trust import TrustedProxies
+from .tunnel import Tunnel, client_socket
 from .upstream.members import BaseURL, FixedRoute, PoolRoute, UpstreamPool, fixed_route
 from .upstream.transport import Transport
 
@@ -37,6 +38,7 @@ log = logging.getLogger("forkproxy")
 HOOK_NAMES = (
     "pick_upstream", "rewrite_path", "retry_policy", "before_forward",
     "after_forward", "stream_request", "on_stream_chunk", "on_stream_end",
+    "on_ws_message", "on_tunnel_end",
 )
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -98,6 +100,17 @@ class Proxy:
     def on_stream_end(self, req: Request, out: StreamWriter, stats: StreamStats) -> None:
         """Runs once per streamed response, after its last unit."""
 
+    def on_ws_message(self, msg: WebSocketMessage, out: MessageWriter, stats: TunnelStats) -> None:
+        """Each WebSocket data message of a tunnel, only when overridden (else bytes are copied untouched)."""
+        out.send(msg.data)
+
+    def on_tunnel_end(self, req: Request, stats: TunnelStats) -> None:
+        """Runs once per tunnel, after it closed, whoever closed it."""
+
+    def wants_messages(self) -> bool:
+        """Whether tunnels are parsed into messages: ``on_ws_message`` is user code."""
+        return self._overrides("on_ws_message")
+
     def hook(self, fn: Callable) -> Callable:
         """Register ``fn`` as the hook its name says, for this instance only."""
         name = getattr(fn, "__name__", "")
@@ -122,6 +135,10 @@ class Proxy:
             err = InternalError("internal proxy error; the proxy's log has the details")
             status, body = err.status, [err.body()]
             headers = _json_headers(body[0])
+        if isinstance(body, Tunnel):
+            body.run()
+            # To gunicorn's worker: this connection is over; write nothing more on it, read nothing more.
+            raise StopIteration("the tunnel took the connection")
         try:
             start_response(status_line(status), headers)
         except Exception as exc:  # a head the server refuses that no rule here foresaw: still JSON, nothing leaked
@@ -185,10 +202,11 @@ class Proxy:
 
     def _forward(self, req: Request, res: Response, ures: UpstreamResponse):
         """Fill ``res`` and ``ures``; return a streamed reply when there is one."""
-        if header_rules.wants_upgrade(req.headers):
-            raise UpgradeNotSupported("protocol upgrade (e.g. WebSocket) is not supported by this proxy")
+        upgrade = self._upgrade_asked(req)
         req.body = read_request_body(req.environ, self.max_request_body_bytes, self.timeout)
         ureq = self._upstream_request(req)
+        if upgrade is not None and self.wants_messages():
+            handshake.only_deflate_offered(ureq.headers)
         if _call(self.before_forward, req, res, ureq):
             return None
         _check_upstream_request(ureq)
@@ -198,12 +216,18 @@ class Proxy:
         stream_wanted = _call(self.stream_request, req)
         started = time.monotonic()
         try:
-            resp = self.transport.send(route, ureq, retries=retries, timeout=self._timeout())
+            resp = self.transport.send(route, ureq, retries=retries, timeout=self._timeout(), upgrade=upgrade)
         finally:
             _note_upstream(req, ures, route.base, retries.count.retries, started)
         upstream = route.base
         ures.status, ures.headers = resp.status, resp.headers
         req.environ[ENV_UPSTREAM_STATUS] = resp.status
+        if resp.status == 101:
+            try:
+                return 101, [], Tunnel(self, req, resp, upstream, upgrade)
+            except BaseException:
+                resp.close()
+                raise
         if (stream_wanted or is_event_stream(resp.headers)) and _may_have_body(req.method, resp.status):
             try:
                 return StreamRelay(self, req, resp, upstream).reply()
@@ -216,6 +240,14 @@ class Proxy:
         # Only an after_forward hook could make the two differ; without one, no copy.
         res.headers = resp.headers.copy() if self._overrides("after_forward") else resp.headers
         return None
+
+    def _upgrade_asked(self, req: Request) -> str | None:
+        """The protocols a tunnel request asks for (as sent), None for an ordinary request; 501 if not allowed."""
+        if not header_rules.wants_upgrade(req.headers):
+            return None
+        asked = handshake.requested_upgrade(req.headers, self.allowed_upgrades)
+        client_socket(req.environ)
+        return asked
 
     def _overrides(self, hook: str) -> bool:
         """Whether ``hook`` is user code: a subclass's method or one registered on this instance."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Iterable, Iterator
+from datetime import timedelta
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from .trust import TrustedProxies
 
@@ -18,8 +19,10 @@ ENV_UPSTREAM_TIME = "forkproxy.upstream_time"
 ENV_RETRIES = "forkproxy.retries"
 ENV_REQUEST_ID = "forkproxy.request_id"
 ENV_UPSTREAM = "forkproxy.upstream"
+ENV_BYTES_IN = "forkproxy.bytes_in"  # a tunnel's bytes from the client (%(B)s has those to it)
 
 _server_trusted: TrustedProxies | None = None
+_access_logger: Any = None  # the worker's gunicorn logger, for lines gunicorn does not write itself
 
 
 def default_trusted() -> TrustedProxies:
@@ -39,15 +42,37 @@ def configure_worker(worker: Any) -> None:
     ``worker.cfg`` holds the final values however they were given (config
     file, flags, GUNICORN_CMD_ARGS), which the app cannot see otherwise.
     """
-    global _server_trusted
+    global _server_trusted, _access_logger
     from . import shutdown  # gevent: only in the worker, after it patched
 
     _server_trusted = TrustedProxies(worker.cfg.forwarded_allow_ips)
+    _access_logger = worker.log
     shutdown.watch(worker)
     ours, theirs = logging.getLogger("forkproxy"), logging.getLogger("gunicorn.error")
     ours.handlers = list(theirs.handlers)
     ours.setLevel(theirs.level)
     ours.propagate = False
+
+
+class _Served(NamedTuple):
+    """What gunicorn's access log reads of a reply (``resp``) it did not send itself."""
+
+    status: str
+    sent: int
+    headers: list
+    response_length: None = None
+
+
+class _Received(NamedTuple):
+    headers: list  # (name, value) pairs, as gunicorn's request has them
+
+
+def log_access(environ: dict, status: str, sent: int, headers: Any, seconds: float) -> None:
+    """One access-log line, in the configured format, for a reply made outside gunicorn's response (a tunnel)."""
+    if _access_logger is None:
+        return
+    request = _Received([(name.upper(), value) for name, value in headers.items()])
+    _access_logger.access(_Served(status, sent, []), request, environ, timedelta(seconds=seconds))
 
 
 class close_connection_after:

@@ -20,6 +20,7 @@ from typing import BinaryIO, NamedTuple
 
 from urllib3 import HTTPHeaderDict
 
+from .handshake import check_switch
 from .headers import TOKEN, TOKEN_RE, connection_named, header_dict, getlist as header_getlist, lines as header_lines
 
 MAX_LINE = 65536
@@ -46,15 +47,22 @@ class RequestHead:
     path, so the pools write this head and use urlopen's URL only to name the
     request. Passed to urlopen as its ``headers``, which it copies: a head
     never changes, so its copy is itself, and retries resend the same bytes.
+
+    ``upgrade`` (a tunnel's protocols, as the client asked) adds the one pair
+    of hop-by-hop fields forkproxy forwards, and lets the reply be a 101.
     """
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "upgrade")
 
-    def __init__(self, method: str, target: str, host: str, headers: HTTPHeaderDict) -> None:
+    def __init__(self, method: str, target: str, host: str, headers: HTTPHeaderDict,
+                 upgrade: str | None = None) -> None:
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+        if upgrade is not None:
+            lines.append(f"Connection: Upgrade\r\nUpgrade: {upgrade}\r\n")
         lines += [f"{name}: {value}\r\n" for name, value in header_lines(headers)]
         lines.append("\r\n")
         self.data = "".join(lines).encode("latin-1")
+        self.upgrade = upgrade
 
     def copy(self) -> "RequestHead":
         return self
@@ -178,18 +186,22 @@ class Framing(NamedTuple):
     will_close: bool  # the connection cannot carry another request afterwards
 
 
-def body_framing(method: str, status: StatusLine, headers: HTTPHeaderDict) -> Framing:
+def body_framing(method: str, status: StatusLine, headers: HTTPHeaderDict, upgrade: str | None = None) -> Framing:
     """Chunked, a length, or to the close; HTTPException for a body forkproxy cannot relay exactly.
 
     A transfer coding other than chunked (``gzip, chunked``, or ``gzip`` to
     the close) would reach the client undone, with no header saying so:
-    refused, as is a 101 that nobody asked for (forkproxy sends no upgrade
-    outside a tunnel). ``identity``, which RFC 9112 no longer lists, is no
+    refused, as is a 101 that nobody asked for (``upgrade`` is what a tunnel
+    asked for; a 101 must switch to one of those protocols), after which
+    the connection carries the tunnel, never another response. ``identity``, which RFC 9112 no longer lists, is no
     coding: such a body runs to the close, never by a Content-Length.
     """
     codings = [c for c in _codings(header_getlist(headers, "transfer-encoding")) if c != "identity"]
     if status.status == 101:
-        raise HTTPException("upstream switched protocols (101) though no upgrade was asked for")
+        if upgrade is None:
+            raise HTTPException("upstream switched protocols (101) though no upgrade was asked for")
+        check_switch(upgrade, headers)
+        return Framing(False, None, True)
     chunked = codings == ["chunked"]
     if codings and not chunked:
         raise HTTPException(f"transfer coding {', '.join(codings)!r} cannot be relayed (only chunked is undone)")

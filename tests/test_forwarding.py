@@ -148,12 +148,20 @@ def test_targets_that_are_not_paths_get_400(gateway):
         assert status_of(reply) == 400, (target, reply[:200])
 
 
-def test_upgrade_request_gets_501(gateway, upstream):
+def test_an_upgrade_to_a_protocol_not_in_allowed_upgrades_gets_501(gateway, upstream):
     path = unique("/ws")
-    reply = request(gateway.url, "GET", path, headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+    reply = request(gateway.url, "GET", path, headers={"Connection": "Upgrade", "Upgrade": "spdy/3"})
     assert reply.status == 501
     assert reply.error_type() == "upgrade_not_supported"
     assert upstream.seen(path) == []
+
+
+def test_a_websocket_upgrade_an_upstream_answers_without_101_is_an_ordinary_reply(gateway, upstream):
+    path = unique("/ws")
+    reply = request(gateway.url, "GET", path, headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+    assert reply.status == 200
+    (seen,) = upstream.seen(path)
+    assert (seen.header("Upgrade"), seen.header("Connection")) == ("websocket", "Upgrade")
 
 
 def test_rewrite_path_changes_what_the_upstream_sees(gateway, upstream):

@@ -96,7 +96,7 @@ def test_metrics_are_summed_across_two_workers(upstream):
             assert request(g.url, "GET", f"{prefix}/ok/{i}").status == 200
         assert request(g.url, "POST", f"{prefix}/ok", body=b"x").status == 200
         assert request(g.url, "GET", f"{prefix}/flaky").status == 200
-        request(g.url, "GET", "/", headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+        request(g.url, "GET", "/", headers={"Connection": "Upgrade", "Upgrade": "spdy/3"})
         for _ in range(2):
             request(g.url, "GET", prefix + "/sse")
         pids = set()

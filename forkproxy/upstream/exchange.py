@@ -126,7 +126,7 @@ class _Exchange:
         try:
             _first_byte(fp, body_unsent)
             status, reply_headers = read_head(fp)
-            framing = body_framing(method, status, reply_headers)
+            framing = body_framing(method, status, reply_headers, head.upgrade)
         except BaseException as exc:
             fp.close()  # else the reader would keep the socket open after urllib3 closes the connection
             _raise_if_timeout(exc, self, url, read_timeout)

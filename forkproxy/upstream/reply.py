@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from http.client import IncompleteRead
 from ssl import SSLWantReadError
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from urllib3 import HTTPHeaderDict
 
@@ -137,16 +137,8 @@ class UpstreamReply:
         is saved to the heap while the stream waits. The reader may hold the
         first body bytes (read with the head): those come first.
         """
-        sock = self._conn.sock
-        timeout = sock.gettimeout()
-        sock.settimeout(0)  # the reader's bytes only, no wait
-        try:
-            held = [self._fp.read1(READ_BUFFER)]
-        except (BlockingIOError, SSLWantReadError):  # TLS says "nothing yet" its own way
-            held = []
-        finally:
-            sock.settimeout(timeout)
-        self._fp.close()  # and its buffer goes: a stream may stay open for hours
+        sock, first = self.take_socket()
+        held = [first] if first else []
         recv = sock.recv
 
         def read(n: int) -> bytes:
@@ -159,6 +151,27 @@ class UpstreamReply:
                     return data
             return recv(n)
         return read
+
+    def socket(self) -> Any:
+        return self._conn.sock
+
+    def take_socket(self) -> tuple[Any, bytes]:
+        """The connection's socket and the bytes its reader already holds, which come first.
+
+        The reader is closed (its buffer goes: a stream or a tunnel may stay
+        open for hours); the connection stays this reply's until ``release``.
+        """
+        sock = self.socket()
+        timeout = sock.gettimeout()
+        sock.settimeout(0)  # the reader's bytes only, no wait
+        try:
+            held = self._fp.read1(READ_BUFFER) or b""
+        except (BlockingIOError, SSLWantReadError):  # TLS says "nothing yet" its own way
+            held = b""
+        finally:
+            sock.settimeout(timeout)
+        self._fp.close()
+        return sock, held
 
     # -- the connection -------------------------------------------------------
 

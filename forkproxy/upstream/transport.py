@@ -65,19 +65,20 @@ class Transport:
         *,
         retries: urllib3.Retry,
         timeout: urllib3.Timeout,
+        upgrade: str | None = None,
     ) -> UpstreamReply:
         """Send ``ureq`` and return the response with its body still unread.
 
         Each attempt is one urlopen on the pool of the member ``route``
         picks; a retry the Retry allows comes back as ``Failover`` and goes
         to the member picked next. Raises ``ProxyError`` when no usable
-        response head arrived.
+        response head arrived. ``upgrade`` asks for a tunnel (the reply may be its 101).
         """
         headers = wire_headers(ureq)
         base = route.next()
         while True:
             try:
-                reply = self._attempt(base, ureq, headers, retries, timeout)
+                reply = self._attempt(base, ureq, headers, retries, timeout, upgrade)
             except Failover as move:  # the policy allows another attempt
                 error, response, next_retries = move.error, move.response, move.retry
             except MaxRetryError as exc:  # the policy's attempts are spent
@@ -114,14 +115,14 @@ class Transport:
                 retries.sleep(response)
 
     def _attempt(self, base: BaseURL, ureq: UpstreamRequest, headers: urllib3.HTTPHeaderDict,
-                 retries: urllib3.Retry, timeout: urllib3.Timeout) -> UpstreamReply:
+                 retries: urllib3.Retry, timeout: urllib3.Timeout, upgrade: str | None) -> UpstreamReply:
         pool = self.pool(base)
         target = base.join(ureq.path)
         return pool.urlopen(
             ureq.method,
             target,
             body=ureq.body or None,
-            headers=RequestHead(ureq.method, target, pool.host_header, headers),
+            headers=RequestHead(ureq.method, target, pool.host_header, headers, upgrade),
             retries=retries,
             redirect=False,
             assert_same_host=False,
