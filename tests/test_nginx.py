@@ -10,6 +10,8 @@ from tests.support.client import StreamClient, request
 from tests.support.gunicorn import Gunicorn
 from tests.support.nginx import NGINX, Nginx
 from tests.support.servers import RawServer, free_port, read_request_head
+from tests.support.websocket import WebSocketUpstream
+from websockets.sync.client import connect
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")
 
@@ -97,3 +99,28 @@ def test_unix_socket_bind_behind_nginx(stack, upstream):
     assert reply.status == 200
     (seen,) = upstream.seen(path)
     assert seen.header("X-Forwarded-For").startswith("198.51.100.4, 127.0.0.1")
+
+
+def test_a_websocket_tunnel_passes_nginx_and_ordinary_requests_keep_their_connections(upstream, tmp_path):
+    ws_upstream = WebSocketUpstream()
+    g = Gunicorn("tests.apps.tunnels:app", env={"TEST_UPSTREAM": ws_upstream.url,
+                                                "TEST_RECORDS": str(tmp_path / "records.jsonl")}).start()
+    front = Nginx(f"127.0.0.1:{g.port}")
+    try:
+        with connect(front.url.replace("http://", "ws://") + "/ngx-ws",
+                     additional_headers={"Authorization": "Bearer client-key"}, max_size=None) as ws:
+            for message in ("text", b"\x00binary", "x" * 300_000):
+                ws.send(message)
+                assert ws.recv(timeout=10) == message
+        path, headers = ws_upstream.seen[-1]
+        assert path == "/ngx-ws" and headers["Upgrade"] == "websocket"
+        assert headers["Authorization"] == "Bearer real-key"
+        for _ in range(3):  # the mapping leaves plain requests an empty Connection header (keep-alive)
+            reply = request(front.url, "GET", "/plain", headers={"X-Test-Upstream": upstream.url})
+            assert reply.status in (200, 404)
+        seen = upstream.seen("/plain")
+        assert seen and all(s.header("Upgrade") is None for s in seen)
+    finally:
+        front.stop()
+        g.stop()
+        ws_upstream.close()

@@ -1,0 +1,233 @@
+"""The pure parts of tunnels: which upgrades pass, whether a 101 is the one asked for, and the message relay.
+
+The relay is driven by two wsproto peers standing in for the client and the
+upstream, so frames are real frames and nothing touches a socket.
+"""
+from __future__ import annotations
+
+from http.client import HTTPException
+
+import pytest
+from urllib3 import HTTPHeaderDict
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.extensions import PerMessageDeflate
+
+from forkproxy import handshake
+from forkproxy.errors import UpgradeNotSupported
+from forkproxy.messages import TunnelStats
+from forkproxy.wire import RequestHead, StatusLine, body_framing
+from forkproxy.wsrelay import MessageRelay
+
+
+def h(**fields) -> HTTPHeaderDict:
+    out = HTTPHeaderDict()
+    for name, value in fields.items():
+        out.add(name.replace("_", "-"), value)
+    return out
+
+
+# -- handshake ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["websocket", "WebSocket", "websocket/13"])
+def test_an_allowed_protocol_is_asked_for_as_the_client_named_it(value):
+    assert handshake.requested_upgrade(h(Upgrade=value), ("websocket",)) == value
+
+
+@pytest.mark.parametrize("value, allowed", [
+    ("h2c", ("websocket",)), ("websocket, spdy/3", ("websocket",)), ("websocket", ()), ("", ("websocket",)),
+])
+def test_an_upgrade_naming_any_protocol_not_allowed_is_refused(value, allowed):
+    with pytest.raises(UpgradeNotSupported):
+        handshake.requested_upgrade(h(Upgrade=value), allowed)
+
+
+def test_a_101_must_switch_to_a_protocol_the_client_named():
+    assert handshake.check_switch("websocket", h(Connection="Upgrade", Upgrade="WebSocket")) == "websocket"
+    assert handshake.check_switch("foo/1, websocket", h(Connection="upgrade", Upgrade="websocket")) == "websocket"
+    for bad in (h(Connection="Upgrade", Upgrade="h2c"), h(Connection="Upgrade"), h(Upgrade="websocket"),
+                h(Connection="Upgrade", Upgrade="websocket, h2c")):
+        with pytest.raises(HTTPException):
+            handshake.check_switch("websocket", bad)
+
+
+def test_a_101_is_refused_unless_a_tunnel_asked_for_it():
+    switched = h(Connection="Upgrade", Upgrade="websocket")
+    status = StatusLine(11, 101, "Switching Protocols")
+    with pytest.raises(HTTPException):
+        body_framing("GET", status, switched)
+    framing = body_framing("GET", status, switched, upgrade="websocket")
+    assert framing.will_close and framing.length is None and not framing.chunked
+
+
+def test_the_upstream_request_carries_connection_and_upgrade_only_for_a_tunnel():
+    plain = RequestHead("GET", "/ws", "up", h(Accept="*/*")).data
+    tunnel = RequestHead("GET", "/ws", "up", h(Accept="*/*"), upgrade="websocket").data
+    assert b"Upgrade" not in plain
+    assert tunnel == b"GET /ws HTTP/1.1\r\nHost: up\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nAccept: */*\r\n\r\n"
+
+
+def test_the_clients_101_keeps_the_upstreams_fields_but_hop_by_hop_ones():
+    head = handshake.client_head("Switching Protocols", h(
+        Connection="Upgrade, X-Hop", Upgrade="websocket", X_Hop="1", Keep_Alive="timeout=5",
+        Sec_WebSocket_Accept="abc=", Sec_WebSocket_Protocol="chat.v2"), (("X-Request-ID", "r1"),))
+    assert head == (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                    b"Sec-WebSocket-Accept: abc=\r\nSec-WebSocket-Protocol: chat.v2\r\nX-Request-ID: r1\r\n\r\n")
+
+
+def test_message_hooks_offer_only_permessage_deflate_and_accept_nothing_else():
+    headers = h(Sec_WebSocket_Extensions="x-webkit-deflate-frame, permessage-deflate; client_max_window_bits")
+    handshake.only_deflate_offered(headers)
+    assert headers["Sec-WebSocket-Extensions"] == "permessage-deflate; client_max_window_bits"
+    only_other = h(Sec_WebSocket_Extensions="x-custom")
+    handshake.only_deflate_offered(only_other)
+    assert "Sec-WebSocket-Extensions" not in only_other
+    assert handshake.accepted_deflate(h()) is None
+    assert handshake.accepted_deflate(h(Sec_WebSocket_Extensions="permessage-deflate; server_no_context_takeover")) \
+        == "permessage-deflate; server_no_context_takeover"
+    with pytest.raises(HTTPException):
+        handshake.accepted_deflate(h(Sec_WebSocket_Extensions="x-custom"))
+
+
+# -- the message relay ----------------------------------------------------------------
+
+
+class Peers:
+    """A client and an upstream (wsproto, the real framing) talking through one MessageRelay."""
+
+    def __init__(self, hook=None, max_bytes=1 << 20, deflate=None):
+        self.stats = TunnelStats()
+        self.seen = []
+
+        def default(msg, out, stats):
+            self.seen.append((msg.data, msg.from_client))
+            out.send(msg.data)
+        self.relay = MessageRelay(hook or default, self.stats, max_bytes, deflate)
+        extensions = (lambda: [_finalized(deflate)]) if deflate else (lambda: [])
+        self.client = Connection(ConnectionType.CLIENT, extensions())
+        self.upstream = Connection(ConnectionType.SERVER, extensions())
+
+    def from_client(self, *events):
+        data = b"".join(self.client.send(e) for e in events)
+        return self._deliver(self.relay.receive(True, data), self.client, self.upstream)
+
+    def from_upstream(self, *events):
+        data = b"".join(self.upstream.send(e) for e in events)
+        return self._deliver(self.relay.receive(False, data), self.upstream, self.client)
+
+    @staticmethod
+    def _deliver(out, sender, receiver):
+        """(events the other peer got, events the sender got back)."""
+        back, onward = out
+        for peer, data in ((sender, back), (receiver, onward)):
+            if data:
+                peer.receive_data(data)
+        return list(receiver.events()), list(sender.events())
+
+
+def _finalized(params):
+    extension = PerMessageDeflate()
+    extension.finalize(params)
+    return extension
+
+
+def test_text_and_binary_messages_pass_as_they_are_and_are_counted():
+    peers = Peers()
+    got, back = peers.from_client(TextMessage("hi"), BytesMessage(b"\x00\x01"))
+    assert [(type(e), e.data) for e in got] == [(TextMessage, "hi"), (BytesMessage, b"\x00\x01")] and back == []
+    got, _ = peers.from_upstream(TextMessage("there"))
+    assert [e.data for e in got] == ["there"]
+    assert (peers.stats.messages_from_client, peers.stats.messages_from_upstream) == (2, 1)
+    assert peers.seen == [("hi", True), (b"\x00\x01", True), ("there", False)]
+
+
+def test_a_fragmented_message_reaches_the_hook_whole():
+    peers = Peers()
+    got, _ = peers.from_client(TextMessage("one ", message_finished=False), TextMessage("two"))
+    assert [e.data for e in got] == ["one two"]
+    assert peers.seen == [("one two", True)]
+
+
+def test_a_message_split_across_reads_is_handed_over_once_complete():
+    peers = Peers()
+    data = peers.client.send(BytesMessage(b"z" * 1000))
+    for i in range(0, len(data) - 1, 7):
+        assert peers.relay.receive(True, data[i:min(i + 7, len(data) - 1)]) == (b"", b"")
+    back, onward = peers.relay.receive(True, data[-1:])
+    peers.upstream.receive_data(onward)
+    assert back == b"" and [e.data for e in peers.upstream.events()] == [b"z" * 1000]
+
+
+def test_the_hook_may_change_drop_or_multiply_messages():
+    def hook(msg, out, stats):
+        if msg.data == "drop":
+            return
+        out.send(msg.data.upper())
+        out.send(b"copy")
+    peers = Peers(hook)
+    got, _ = peers.from_client(TextMessage("drop"), TextMessage("up"))
+    assert [e.data for e in got] == ["UP", b"copy"]
+
+
+def test_ping_pong_pass_through_untouched():
+    peers = Peers()
+    got, _ = peers.from_client(Ping(b"p1"))
+    assert [(type(e), e.payload) for e in got] == [(Ping, b"p1")]
+    got, _ = peers.from_upstream(Pong(b"p1"))
+    assert [(type(e), e.payload) for e in got] == [(Pong, b"p1")]
+    assert peers.seen == []
+
+
+def test_a_close_passes_on_and_its_answer_comes_back():
+    peers = Peers()
+    got, _ = peers.from_client(CloseConnection(4002, "done"))
+    assert [(e.code, e.reason) for e in got] == [(4002, "done")]
+    got, _ = peers.from_upstream(CloseConnection(4002, "done"))
+    assert [(e.code, e.reason) for e in got] == [(4002, "done")]
+    assert peers.relay.closed_first == "client" and peers.relay.close_code is None
+
+
+def test_a_message_over_the_cap_closes_both_sides_with_1009_before_it_is_whole():
+    peers = Peers(max_bytes=100)
+    got, back = peers.from_client(TextMessage("x" * 100))
+    assert [e.data for e in got] == ["x" * 100]
+    got, back = peers.from_client(BytesMessage(b"y" * 60, message_finished=False),
+                                  BytesMessage(b"y" * 60))
+    assert [(type(e), e.code) for e in got] == [(CloseConnection, 1009)]
+    assert [(type(e), e.code) for e in back] == [(CloseConnection, 1009)]
+    assert peers.relay.close_code == 1009 and len(peers.seen) == 1
+
+
+def test_text_over_the_cap_is_measured_in_utf8_bytes():
+    peers = Peers(max_bytes=100)
+    got, _ = peers.from_client(TextMessage("é" * 51))  # 51 characters, 102 bytes
+    assert [(type(e), e.code) for e in got] == [(CloseConnection, 1009)]
+
+
+def test_a_hook_that_raises_closes_both_sides_with_1011_and_keeps_the_error():
+    def hook(msg, out, stats):
+        raise ValueError("bad")
+    peers = Peers(hook)
+    got, back = peers.from_client(TextMessage("x"))
+    assert [e.code for e in got] == [1011] and [e.code for e in back] == [1011]
+    assert isinstance(peers.relay.hook_failure, ValueError)
+
+
+def test_a_frame_wsproto_refuses_closes_both_sides_with_its_code():
+    peers = Peers()
+    unmasked = Connection(ConnectionType.SERVER).send(TextMessage("not masked"))  # a client must mask
+    back, onward = peers.relay.receive(True, unmasked)
+    peers.client.receive_data(back)
+    peers.upstream.receive_data(onward)
+    assert [e.code for e in peers.client.events()] == [1002]
+    assert [e.code for e in peers.upstream.events()] == [1002]
+
+
+def test_permessage_deflate_is_undone_for_the_hook_and_redone_on_the_way():
+    params = "permessage-deflate; client_max_window_bits=15"
+    peers = Peers(lambda msg, out, stats: out.send(msg.data + "!"), deflate=params)
+    got, _ = peers.from_client(TextMessage("compress me " * 50))
+    assert [e.data for e in got] == ["compress me " * 50 + "!"]
+    got, _ = peers.from_upstream(TextMessage("and back " * 50))
+    assert [e.data for e in got] == ["and back " * 50 + "!"]
