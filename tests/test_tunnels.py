@@ -316,7 +316,7 @@ def test_a_message_hook_counts_usage_for_billing_at_tunnel_end(message_tunnels):
             ws.send(text)
             ws.recv()
             ws.recv()
-    assert message_tunnels.records.wait_one("/usage")["meta"] == {"tokens": 8}
+    assert message_tunnels.records.wait_one("/usage")["meta"] == {"tokens": 24}
 
 
 def test_a_failing_message_hook_closes_both_sides_with_1011(message_tunnels, ws_upstream):

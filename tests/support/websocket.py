@@ -75,8 +75,9 @@ class WebSocketUpstream:
             elif path.startswith("/usage"):
                 async for message in ws:
                     await ws.send(json.dumps({"type": "response.text.delta", "delta": str(message)[:10]}))
-                    await ws.send(json.dumps({"type": "response.done",
-                                              "response": {"usage": {"total_tokens": len(str(message))}}}))
+                    tokens = len(str(message))
+                    await ws.send(json.dumps({"type": "response.done", "response": {"usage": {
+                        "input_tokens": tokens, "output_tokens": 2 * tokens, "total_tokens": 3 * tokens}}}))
             else:
                 async for message in ws:
                     await ws.send(message)
