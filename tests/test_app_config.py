@@ -54,6 +54,9 @@ def test_defaults_follow_the_contract():
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_TIMEOUT": "nan"}, ["FORKPROXY_TIMEOUT", "finite"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_MAX_EVENT_BYTES": "0"}, ["FORKPROXY_MAX_EVENT_BYTES", "at least 1"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_POOL_IDLE_TIMEOUT": "0"}, ["FORKPROXY_POOL_IDLE_TIMEOUT"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_TUNNEL_IDLE_TIMEOUT": "soon"},
+     ["FORKPROXY_TUNNEL_IDLE_TIMEOUT", "not a number", "'soon'"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_TUNNEL_IDLE_TIMEOUT": "0"}, ["FORKPROXY_TUNNEL_IDLE_TIMEOUT"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_RETRY_ATTEMPTS": "0"}, ["FORKPROXY_RETRY_ATTEMPTS", "at least 1"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_RETRY_BACKOFF_MS": "-5"}, ["FORKPROXY_RETRY_BACKOFF_MS", "'-5'"]),
 ])

@@ -106,7 +106,8 @@ def test_settings_given_as_class_attributes_are_checked_too():
 @pytest.mark.parametrize("name, value", [
     ("timeout", 0), ("timeout", float("inf")), ("connect_timeout", 0), ("max_event_bytes", 0),
     ("pool_maxsize", 0), ("pool_idle_timeout", 0), ("stream_idle_timeout", -1), ("sse_heartbeat_secs", -0.5),
-    ("max_request_body_bytes", 1.5), ("max_response_body_bytes", True),
+    ("max_request_body_bytes", 1.5), ("max_response_body_bytes", True), ("tunnel_idle_timeout", 0),
+    ("max_ws_message_bytes", 0),
 ])
 def test_every_numeric_setting_has_its_range_checked_at_construction(name, value):
     with pytest.raises(ValueError) as info:
@@ -120,3 +121,13 @@ def test_every_numeric_setting_has_its_range_checked_at_construction(name, value
 ])
 def test_zero_turns_off_what_it_is_documented_to(name, value):
     assert getattr(Proxy("http://127.0.0.1:1", **{name: value}), name) == value
+
+
+def test_allowed_upgrades_are_protocol_names_kept_lower_case():
+    assert Proxy("http://127.0.0.1:1", allowed_upgrades=("WebSocket", "my-proto")).allowed_upgrades == (
+        "websocket", "my-proto")
+    assert Proxy("http://127.0.0.1:1", allowed_upgrades=()).allowed_upgrades == ()
+    for bad in (("web socket",), 5):
+        with pytest.raises(ValueError) as info:
+            Proxy("http://127.0.0.1:1", allowed_upgrades=bad)
+        assert "allowed_upgrades" in str(info.value)
