@@ -3,6 +3,7 @@
 - ``empty``: answers 100 bytes without any upstream: the ceiling of gunicorn + gevent.
 - ``werkzeug``: werkzeug's ProxyMiddleware, a Python peer.
 - ``naive``: a minimal urllib3 proxy, what one writes in an afternoon.
+- ``ws_messages``: forkproxy with a pass-through message hook (tunnels parsed by wsproto).
 """
 import os
 
@@ -55,3 +56,16 @@ def naive(environ, start_response):
     resp.release_conn()
     start_response(f"{resp.status} {resp.reason}", out + [("Content-Length", str(len(data)))])
     return [data]
+
+
+def _ws_messages():
+    """forkproxy with a pass-through ``on_ws_message``: every tunnel parsed into messages and re-framed."""
+    from forkproxy import Proxy
+
+    class Messages(Proxy):
+        def on_ws_message(self, msg, out, stats):
+            out.send(msg.data)
+    return Messages(UPSTREAM)
+
+
+ws_messages = _ws_messages()
