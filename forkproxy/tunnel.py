@@ -31,7 +31,6 @@ import logging
 import socket
 import time
 from http.client import HTTPException
-from ssl import SSLSocket
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -81,7 +80,7 @@ class _End:
         self.sock = sock
         self.held = held
         self.lock = Semaphore() if locked else None
-        self.tls = isinstance(sock, SSLSocket)
+        self.tls = hasattr(sock, "getpeercert")  # the stdlib's SSLSocket or gevent's, patched in or not
 
     def write(self, data: bytes) -> None:
         if self.lock is None:

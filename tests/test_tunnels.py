@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import time
 
 import pytest
@@ -442,3 +443,40 @@ def test_sigterm_gives_open_tunnels_graceful_timeout_then_closes_them_once(ws_up
         assert g.wait_exit(10) == 0
     finally:
         g.stop()
+
+
+# -- tunnels to a pool, and to a wss:// upstream ------------------------------------------
+
+
+def test_a_tunnel_fails_over_past_a_dead_pool_member_until_the_101(start_gateway, ws_upstream):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connects are refused
+    try:
+        g = start_gateway(TEST_UPSTREAM=f"http://127.0.0.1:{dead.getsockname()[1]},{ws_upstream.url}")
+        for i in range(4):  # round robin puts the dead member first half of the time
+            with connect(ws_url(g, f"/echo-pool-{i}")) as ws:
+                ws.send("through the pool")
+                assert ws.recv() == "through the pool"
+    finally:
+        dead.close()
+
+
+@pytest.mark.parametrize("kind", ["bytes copied", "message hooks"])
+def test_a_tunnel_to_a_wss_upstream_is_verified_and_carries_messages(kind, start_gateway, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    upstream = WebSocketUpstream(ssl_context=context)
+    try:
+        app = "tests.apps.tunnels:app" if kind == "bytes copied" else "tests.apps.tunnels:messages_app"
+        g = start_gateway(app, TEST_UPSTREAM=upstream.url, TEST_CA=str(tmp_path / "ca.pem"))
+        with connect(ws_url(g, "/echo-tls"), max_size=None) as ws:
+            for message in ("over tls", os.urandom(200_000)):
+                ws.send(message)
+                assert ws.recv(timeout=10) == message
+        record = g.records.wait_one("/echo-tls")
+        assert not record["errored"] and record["closed_by"] in ("client", "upstream")
+    finally:
+        upstream.close()

@@ -15,7 +15,7 @@ from forkproxy import Proxy
 
 SETTINGS = {}
 for key, env, kind in (("tunnel_idle_timeout", "TEST_TUNNEL_IDLE", float),
-                       ("max_ws_message_bytes", "TEST_MAX_MESSAGE", int)):
+                       ("max_ws_message_bytes", "TEST_MAX_MESSAGE", int), ("ca_certs", "TEST_CA", str)):
     if os.environ.get(env):
         SETTINGS[key] = kind(os.environ[env])
 

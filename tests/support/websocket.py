@@ -27,17 +27,19 @@ from websockets.exceptions import ConnectionClosed
 
 
 class WebSocketUpstream:
-    def __init__(self, subprotocols: list[str] | None = None, compression: str | None = "deflate") -> None:
+    def __init__(self, subprotocols: list[str] | None = None, compression: str | None = "deflate",
+                 ssl_context=None) -> None:
         self.seen: list[tuple[str, dict]] = []
         self.closed: list[tuple[str, int | None]] = []  # (path, close code received) per connection
         self._subprotocols = subprotocols
         self._compression = compression
+        self._ssl = ssl_context
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), daemon=True)
         self._thread.start()
         started.wait(10)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def _run(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
@@ -48,7 +50,7 @@ class WebSocketUpstream:
     async def _start(self) -> None:
         self._server = await serve(self._handle, "127.0.0.1", 0, process_request=self._process,
                                    select_subprotocol=self._pick, compression=self._compression,
-                                   max_size=64 * 1024 * 1024, ping_interval=None)
+                                   max_size=64 * 1024 * 1024, ping_interval=None, ssl=self._ssl)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _pick(self, connection, offered):
