@@ -17,7 +17,8 @@ _HOMES = {
     "config": ("ConfigError",),
     "errors": ("BadRequest", "BadUpstreamResponse", "HookError", "InternalError", "NoLiveUpstream", "PayloadTooLarge",
                "ProxyError", "UpgradeNotSupported", "UpstreamBodyTooLarge", "UpstreamTimeout", "UpstreamUnreachable"),
-    "messages": ("Request", "Response", "StreamStats", "StreamWriter", "UpstreamRequest", "UpstreamResponse"),
+    "messages": ("MessageWriter", "Request", "Response", "StreamStats", "StreamWriter", "TunnelStats", "UpstreamRequest",
+                 "UpstreamResponse", "WebSocketMessage"),
     "proxy": ("HOOK_NAMES", "Proxy"),
     "retry": ("IDEMPOTENT_METHODS", "RetryPolicy"),
     "trust": ("TrustedProxies",),
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
     from .config import ConfigError
     from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, NoLiveUpstream, PayloadTooLarge,
                          ProxyError, UpgradeNotSupported, UpstreamBodyTooLarge, UpstreamTimeout, UpstreamUnreachable)
-    from .messages import Request, Response, StreamStats, StreamWriter, UpstreamRequest, UpstreamResponse
+    from .messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
+                           UpstreamResponse, WebSocketMessage)
     from .proxy import HOOK_NAMES, Proxy
     from .retry import IDEMPOTENT_METHODS, RetryPolicy
     from .trust import TrustedProxies

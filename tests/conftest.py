@@ -25,7 +25,7 @@ def gateway(upstream):
 
 
 class Records:
-    """The JSON lines tests/apps/streams.py writes from on_stream_end."""
+    """The JSON lines tests/apps/streams.py writes from on_stream_end (tests/apps/tunnels.py: on_tunnel_end)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -45,23 +45,28 @@ class Records:
                 assert len(found) == 1, found
                 return found[0]
             time.sleep(0.02)
-        raise AssertionError(f"no on_stream_end record for {path}")
+        raise AssertionError(f"no hook record (on_stream_end, on_tunnel_end) for {path}")
 
 
 @pytest.fixture(scope="module")
-def streams_factory(upstream, tmp_path_factory):
+def recorded_gateways(tmp_path_factory):
+    """start(app, **env): a gateway under gunicorn whose end-of-stream/tunnel hooks write to ``g.records``."""
     started = []
 
-    def start(**env):
+    def start(app, **env):
         records = Records(tmp_path_factory.mktemp("records") / "records.jsonl")
-        g = Gunicorn("tests.apps.streams:app", env={"TEST_UPSTREAM": upstream.url,
-                                                    "TEST_RECORDS": str(records.path), **env}).start()
+        g = Gunicorn(app, env={"TEST_RECORDS": str(records.path), **env}).start()
         g.records = records
         started.append(g)
         return g
     yield start
     for g in started:
         g.stop()
+
+
+@pytest.fixture(scope="module")
+def streams_factory(upstream, recorded_gateways):
+    return lambda **env: recorded_gateways("tests.apps.streams:app", TEST_UPSTREAM=upstream.url, **env)
 
 
 @pytest.fixture(scope="module")

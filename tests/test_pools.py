@@ -7,11 +7,8 @@ import re
 import socket
 import threading
 import time
-import uuid
 from collections import Counter
 from contextlib import contextmanager
-
-import pytest
 
 from tests.support.client import StreamClient, request
 from tests.support.gunicorn import Gunicorn

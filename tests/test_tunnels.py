@@ -32,19 +32,10 @@ def ws_upstream():
 
 
 @pytest.fixture(scope="module")
-def start_gateway(ws_upstream, tmp_path_factory):
-    started = []
-
+def start_gateway(ws_upstream, recorded_gateways):
     def start(app="tests.apps.tunnels:app", **env):
-        records = Records(tmp_path_factory.mktemp("tunnels") / "records.jsonl")
-        g = Gunicorn(app, env={"TEST_UPSTREAM": ws_upstream.url, "TEST_RECORDS": str(records.path),
-                               **env}).start()
-        g.records = records
-        started.append(g)
-        return g
-    yield start
-    for g in started:
-        g.stop()
+        return recorded_gateways(app, **{"TEST_UPSTREAM": ws_upstream.url, **env})
+    return start
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from scripts.benchkit.run import CLK, Target, cpu_ticks, free_port, static_upstream, wrk

@@ -147,10 +147,12 @@ class Target(Process):
             return
         if name == "nginx":
             host = upstream.removeprefix("http://")
+            # Upgrades pass (the usual map); everything else keeps its keep-alive connection to the upstream.
             body = f"""upstream up {{ server {host}; keepalive 256; }}
+              map $http_upgrade $conn {{ default upgrade; "" ""; }}
               server {{ listen 127.0.0.1:{self.port} backlog=8192; client_max_body_size 10m;
-                location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
-                  proxy_buffering off; proxy_read_timeout 600s; }} }}"""
+                location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection $conn;
+                  proxy_set_header Upgrade $http_upgrade; proxy_buffering off; proxy_read_timeout 600s; }} }}"""
             self.nginx = NginxProcess(body, pin(PROXY_CPU))
             self.proc = self.nginx.proc
         elif name == "proxypy":
@@ -162,7 +164,8 @@ class Target(Process):
                        PROXY_CPU, {"BENCH_UPSTREAM": upstream, "PYTHONPATH": str(ROOT)})
         else:
             app = {"forkproxy": "forkproxy.app", "empty": "scripts.benchkit.apps:empty",
-                   "naive": "scripts.benchkit.apps:naive", "werkzeug": "scripts.benchkit.apps:werkzeug"}[name]
+                   "naive": "scripts.benchkit.apps:naive", "werkzeug": "scripts.benchkit.apps:werkzeug",
+                   "forkproxy+hooks": "scripts.benchkit.apps:ws_messages"}[name]
             self.spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "1",
                         "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", "--access-logfile", "/dev/null",
                         "--backlog", "8192", "--log-level", "warning", app],
@@ -234,19 +237,23 @@ def sse_workloads(target: Target, hold_streams: int, hold_targets: set[str]) -> 
         res = json.loads(sse_client("latency", target.url, str(streams), str(events), str(interval)))
         out[f"sse_{streams}"] = res
     if target.name in hold_targets and hold_streams:
-        pids = target.pids()
-        before = mem_kib(pids)
-        cmd = pin(LOAD_CPU) + [sys.executable, "-m", "scripts.benchkit.sse", "hold", target.url,
-                               str(hold_streams), "4"]
-        holder = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        line = holder.stdout.readline().split()
-        opened = int(line[1]) if len(line) == 2 else 0
-        time.sleep(1)
-        after = mem_kib(target.pids())
-        holder.wait(180)
-        out["hold"] = {"streams": opened, "kib_per_stream": (after - before) / opened if opened else None,
-                       "rss_mib": after / 1024}
+        out["hold"] = held("sse", target, hold_streams, 4)
     return out
+
+
+def held(module: str, target: Target, count: int, seconds: float) -> dict:
+    """The target's RSS growth per connection while ``count`` idle ones (``module``'s hold) are open."""
+    before = mem_kib(target.pids())
+    cmd = pin(LOAD_CPU) + [sys.executable, "-m", f"scripts.benchkit.{module}", "hold", target.url,
+                           str(count), str(seconds)]
+    holder = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = holder.stdout.readline().split()
+    opened = int(line[1]) if len(line) == 2 else 0
+    time.sleep(1)
+    after = mem_kib(target.pids())
+    holder.wait(180)
+    return {"streams": opened, "kib_per_stream": (after - before) / opened if opened else None,
+            "rss_mib": after / 1024}
 
 
 # -- the run ------------------------------------------------------------------------

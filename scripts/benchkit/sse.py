@@ -112,31 +112,40 @@ def latency(url: str, streams: int, events: int, interval: float) -> dict:
     }
 
 
-def hold(url: str, streams: int, seconds: float) -> None:
-    socks = []
+def _first_event(url: str) -> socket.socket:
+    sock = _open(url, "/b/hold", timeout=120)
+    data = b""
+    while b"data: " not in data:
+        part = sock.recv(65536)
+        if not part:
+            raise OSError("closed before the first event")
+        data += part
+    return sock
 
-    def opener():
-        sock = _open(url, "/b/hold", timeout=120)
-        data = b""
-        while b"data: " not in data:
-            part = sock.recv(65536)
-            if not part:
-                raise OSError("closed before the first event")
-            data += part
-        socks.append(sock)
-    jobs = [gevent.spawn(opener) for _ in range(streams)]
-    gevent.joinall(jobs, timeout=60)
+
+def hold(url: str, streams: int, seconds: float) -> None:
+    hold_open(lambda: _first_event(url), streams, seconds)
+
+
+def hold_open(open_one, count: int, seconds: float) -> None:
+    """Open ``count`` connections with ``open_one``, say "READY n", hold them ``seconds``, close them."""
+    socks = []
+    gevent.joinall([gevent.spawn(lambda: socks.append(open_one())) for _ in range(count)], timeout=60)
     print(f"READY {len(socks)}", flush=True)
     gevent.sleep(seconds)
     for sock in socks:
         sock.close()
 
 
+def command_line(commands: dict) -> None:
+    """Run ``NAME ARG...`` from argv: ``commands`` maps NAME to (function, argument types); results print as JSON."""
+    name, *args = sys.argv[1:]
+    function, kinds = commands[name]
+    result = function(*(kind(arg) for kind, arg in zip(kinds, args)))
+    if result is not None:
+        print(json.dumps(result))
+
+
 if __name__ == "__main__":
-    cmd, *args = sys.argv[1:]
-    if cmd == "serve":
-        serve(int(args[0]))
-    elif cmd == "latency":
-        print(json.dumps(latency(args[0], int(args[1]), int(args[2]), float(args[3]))))
-    elif cmd == "hold":
-        hold(args[0], int(args[1]), float(args[2]))
+    command_line({"serve": (serve, (int,)), "latency": (latency, (str, int, int, float)),
+                  "hold": (hold, (str, int, float))})

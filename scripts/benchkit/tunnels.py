@@ -19,11 +19,9 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
-from scripts.benchkit.nginx import NginxProcess
-from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, cpu_ticks, free_port, mem_kib, pin,
-                                  wait_port)
+from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, Target, cpu_ticks, free_port, held,
+                                  pin, wait_port)
 
 TARGETS = ["direct", "nginx", "forkproxy", "forkproxy+hooks"]
 
@@ -38,59 +36,10 @@ class Upstream(Process):
         wait_port(self.port)
 
 
-class Target(Process):
-    nginx: NginxProcess | None = None
-
-    def __init__(self, name: str, upstream: str) -> None:
-        self.name = name.replace("+", "-")
-        super().__init__()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        if name == "direct":
-            self.url = upstream
-            return
-        if name == "nginx":
-            body = f"""map $http_upgrade $conn {{ default upgrade; "" ""; }}
-              server {{ listen 127.0.0.1:{self.port} backlog=8192;
-                location / {{ proxy_pass {upstream}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade;
-                  proxy_set_header Connection $conn; proxy_buffering off; proxy_read_timeout 600s; }} }}"""
-            self.nginx = NginxProcess(body, pin(PROXY_CPU))
-            self.proc = self.nginx.proc
-        else:
-            app = "forkproxy.app" if name == "forkproxy" else "scripts.benchkit.apps:ws_messages"
-            self.spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "1",
-                        "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", "--access-logfile", "/dev/null",
-                        "--backlog", "8192", "--log-level", "warning", app],
-                       PROXY_CPU, {"FORKPROXY_UPSTREAM": upstream, "BENCH_UPSTREAM": upstream,
-                                   "PYTHONPATH": str(ROOT)})
-        wait_port(self.port)
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.nginx is not None:
-            self.nginx.stop()
-        super().stop()
-
-
 def client(module: str, *args: str, timeout: float = 300) -> dict:
     cmd = pin(LOAD_CPU) + [sys.executable, "-m", f"scripts.benchkit.{module}", *args]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout).stdout
     return json.loads(out)
-
-
-def held_kib(module: str, target: Process, url: str, count: int) -> float | None:
-    """RSS growth of ``target`` per connection while ``count`` idle ones are held open."""
-    pids = target.pids()
-    before = mem_kib(pids)
-    cmd = pin(LOAD_CPU) + [sys.executable, "-m", f"scripts.benchkit.{module}", "hold", url, str(count), "3"]
-    holder = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = holder.stdout.readline().split()
-    opened = int(line[1]) if len(line) == 2 else 0
-    time.sleep(1)
-    after = mem_kib(target.pids())
-    holder.wait(180)
-    time.sleep(0.5)
-    return (after - before) / opened if opened else None
 
 
 def measure(target: Target, args) -> dict:
@@ -103,7 +52,7 @@ def measure(target: Target, args) -> dict:
     spent = cpu_ticks(pids) - before
     out["rate"]["cpu_us_per_msg"] = spent / CLK * 1e6 / out["rate"]["messages"] if pids else None
     if pids:
-        out["kib_per_tunnel"] = held_kib("ws", target, target.url, args.hold)
+        out["kib_per_tunnel"] = held("ws", target, args.hold, 3)["kib_per_stream"]
     return out
 
 
@@ -125,7 +74,7 @@ def main() -> None:
                 target.stop()
         sse_target = Target("forkproxy", sse_up.url)
         try:
-            sse_kib = held_kib("sse", sse_target, sse_target.url, args.hold)
+            sse_kib = held("sse", sse_target, args.hold, 3)["kib_per_stream"]
         finally:
             sse_target.stop()
     finally:

@@ -17,16 +17,16 @@ monkey.patch_all()
 
 import base64  # noqa: E402
 import hashlib  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
+
+from scripts.benchkit.sse import command_line, hold_open  # noqa: E402
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PAYLOAD = b"bench-message-16"  # 16 bytes: the echo is 18
@@ -173,24 +173,9 @@ def rate(url: str, tunnels: int, seconds: float, window: int) -> dict:
 
 
 def hold(url: str, tunnels: int, seconds: float) -> None:
-    socks = []
-
-    def opener():
-        socks.append(_open(url, timeout=120))
-    gevent.joinall([gevent.spawn(opener) for _ in range(tunnels)], timeout=60)
-    print(f"READY {len(socks)}", flush=True)
-    gevent.sleep(seconds)
-    for sock in socks:
-        sock.close()
+    hold_open(lambda: _open(url, timeout=120), tunnels, seconds)
 
 
 if __name__ == "__main__":
-    cmd, *args = sys.argv[1:]
-    if cmd == "serve":
-        serve(int(args[0]))
-    elif cmd == "latency":
-        print(json.dumps(latency(args[0], int(args[1]), int(args[2]), float(args[3]))))
-    elif cmd == "rate":
-        print(json.dumps(rate(args[0], int(args[1]), float(args[2]), int(args[3]))))
-    elif cmd == "hold":
-        hold(args[0], int(args[1]), float(args[2]))
+    command_line({"serve": (serve, (int,)), "latency": (latency, (str, int, int, float)),
+                  "rate": (rate, (str, int, float, int)), "hold": (hold, (str, int, float))})
