@@ -16,6 +16,7 @@ setup(
         "gunicorn[gevent]>=27,<28",
         "packaging",  # gunicorn's gevent worker imports it
         "prometheus-client>=0.17,<1",
+        "redis>=5,<9",  # the redis:// limits store (imported only when one is configured)
         "urllib3>=2.6,<2.9",  # 2.6: bounded decodes (max_length)
         "wsproto>=1.2,<2",  # WebSocket framing for tunnels with message hooks
     ],

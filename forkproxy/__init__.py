@@ -15,8 +15,10 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "config": ("ConfigError",),
-    "errors": ("BadRequest", "BadUpstreamResponse", "HookError", "InternalError", "NoLiveUpstream", "PayloadTooLarge",
-               "ProxyError", "UpgradeNotSupported", "UpstreamBodyTooLarge", "UpstreamTimeout", "UpstreamUnreachable"),
+    "errors": ("BadRequest", "BadUpstreamResponse", "HookError", "InternalError", "LimitsUnavailable", "NoLiveUpstream",
+               "PayloadTooLarge", "ProxyError", "RateLimited", "UpgradeNotSupported", "UpstreamBodyTooLarge",
+               "UpstreamTimeout", "UpstreamUnreachable"),
+    "limits.gcra": ("Limit",),
     "messages": ("MessageWriter", "Request", "Response", "StreamStats", "StreamWriter", "TunnelStats", "UpstreamRequest",
                  "UpstreamResponse", "WebSocketMessage"),
     "proxy": ("HOOK_NAMES", "Proxy"),
@@ -44,8 +46,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .config import ConfigError
-    from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, NoLiveUpstream, PayloadTooLarge,
-                         ProxyError, UpgradeNotSupported, UpstreamBodyTooLarge, UpstreamTimeout, UpstreamUnreachable)
+    from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, LimitsUnavailable, NoLiveUpstream,
+                         PayloadTooLarge, ProxyError, RateLimited, UpgradeNotSupported, UpstreamBodyTooLarge,
+                         UpstreamTimeout, UpstreamUnreachable)
+    from .limits.gcra import Limit
     from .messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
                            UpstreamResponse, WebSocketMessage)
     from .proxy import HOOK_NAMES, Proxy

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 from typing import Any, Callable, Mapping
 
 from .headers import TOKEN_RE
@@ -27,6 +28,9 @@ DEFAULTS: dict[str, Any] = {
     "allowed_upgrades": ("websocket",),
     "tunnel_idle_timeout": 300.0,
     "max_ws_message_bytes": 16 * MiB,
+    "limits_store": "local",
+    "limits_timeout": 0.05,
+    "limits_fail_open": True,
 }
 
 
@@ -100,6 +104,39 @@ def _protocols(name: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def _limits_store(name: str, value: Any) -> str:
+    """``local``, ``local:PATH`` or a redis:// / rediss:// URL with a host."""
+    text = str(value).strip()
+    if text == "local" or (text.startswith("local:") and len(text) > len("local:")):
+        return text
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"{name}: must be local or a redis:// or rediss:// URL: {_no_password(text)!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{name}: bad port in {_no_password(text)!r}") from None
+    return text
+
+
+def _no_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: must be true or false: {value!r}")
+
+
 _OFF = " (0 turns it off)"
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "upstream": _upstream,
@@ -116,6 +153,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "allowed_upgrades": _protocols,
     "tunnel_idle_timeout": _number(float, above=True),
     "max_ws_message_bytes": _number(_whole, minimum=1),
+    "limits_store": _limits_store,
+    "limits_timeout": _number(float, above=True),
+    "limits_fail_open": _flag,
 }
 
 
@@ -145,6 +185,7 @@ ENVIRONMENT = {
     "FORKPROXY_CA_CERTS": "ca_certs",
     "FORKPROXY_POOL_IDLE_TIMEOUT": "pool_idle_timeout",
     "FORKPROXY_TUNNEL_IDLE_TIMEOUT": "tunnel_idle_timeout",
+    "FORKPROXY_LIMITS_STORE": "limits_store",
 }
 RETRY_ENVIRONMENT = {"FORKPROXY_RETRY_ATTEMPTS": 1, "FORKPROXY_RETRY_BACKOFF_MS": 100}
 

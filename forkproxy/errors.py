@@ -13,6 +13,7 @@ class ProxyError(Exception):
 
     status: int = 500
     type: str = "proxy_error"
+    headers: "list[tuple[str, str]]" = []  # sent with the reply (a 429's Retry-After)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -68,3 +69,15 @@ class InternalError(ProxyError):
 
 class NoLiveUpstream(ProxyError):
     status, type = 502, "no_live_upstream"
+
+
+class RateLimited(ProxyError):
+    status, type = 429, "rate_limited"
+
+    def __init__(self, message: str, headers: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.headers = headers
+
+
+class LimitsUnavailable(ProxyError):
+    status, type = 503, "limits_unavailable"

@@ -24,6 +24,8 @@ def _as_bytes(data: bytes | str) -> bytes:
 class Request:
     """The client's request as forkproxy received it."""
 
+    rate_limit_headers: "list[tuple[str, str]]" = []  # RateLimit-Policy/RateLimit for the reply, once limited
+
     def __init__(
         self,
         *,
@@ -81,7 +83,10 @@ class Response:
 
     @classmethod
     def from_error(cls, error: ProxyError) -> "Response":
-        return cls(error.status, HTTPHeaderDict({"Content-Type": "application/json"}), error.body())
+        headers = HTTPHeaderDict({"Content-Type": "application/json"})
+        for name, value in error.headers:
+            headers.add(name, value)
+        return cls(error.status, headers, error.body())
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {len(self._body)} bytes>"

@@ -37,6 +37,10 @@ class Metrics:
                                     multiprocess_mode="livesum")
         self.tunnel_bytes = Counter("forkproxy_tunnel_bytes_total", "Bytes carried by tunnels, by the side that sent them",
                                     ["source"])
+        self.rate_limited = Counter("forkproxy_rate_limited_total", "Requests refused by a rate limit, by its name "
+                                    "(the key's prefix up to ':')", ["limit"])
+        self.limits_store_errors = Counter("forkproxy_limits_store_errors_total",
+                                           "Calls to the limits store that failed (down, slow, refused)")
         # Health is kept per worker: a member is up here only while every worker sees it up.
         self.upstream_up = Gauge("forkproxy_upstream_up", "1 while the pool member is live (in every worker)",
                                  ["upstream"], multiprocess_mode="min")

@@ -20,6 +20,8 @@ from . import handshake, headers as header_rules
 from .buffered import read_body
 from .config import DEFAULTS, check_settings
 from .errors import BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError
+from .limits.gcra import Limit
+from .limits.limiter import Limiter
 from .inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
 from .metrics import metrics
 from .messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
@@ -38,7 +40,7 @@ log = logging.getLogger("forkproxy")
 HOOK_NAMES = (
     "pick_upstream", "rewrite_path", "retry_policy", "before_forward",
     "after_forward", "stream_request", "on_stream_chunk", "on_stream_end",
-    "on_ws_message", "on_tunnel_end",
+    "on_ws_message", "on_tunnel_end", "rate_limits",
 )
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -69,6 +71,7 @@ class Proxy:
             setattr(self, name, checked.get(name, default))
         self.upstream = checked["upstream"]
         self._transport: Transport | None = None
+        self._limiter: Limiter | None = None
 
     # -- hooks -------------------------------------------------------------
 
@@ -99,6 +102,17 @@ class Proxy:
 
     def on_stream_end(self, req: Request, out: StreamWriter, stats: StreamStats) -> None:
         """Runs once per streamed response, after its last unit."""
+
+    def rate_limits(self, req: Request) -> list[Limit]:
+        """The limits this request counts against, taken together after ``before_forward``."""
+        return []
+
+    def charge(self, key: str, amount: float) -> None:
+        """Take ``amount`` from ``key``'s limit after the fact (tokens a reply used); the budget may go below zero."""
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not amount >= 0:
+            raise ValueError(f"charge amount must be a number of at least 0: {amount!r}")
+        if amount:
+            self.limiter.charge(key, amount)
 
     def on_ws_message(self, msg: WebSocketMessage, out: MessageWriter, stats: TunnelStats) -> None:
         """Each WebSocket data message of a tunnel, only when overridden (else bytes are copied untouched)."""
@@ -151,6 +165,12 @@ class Proxy:
             self._transport = Transport(pool_maxsize=self.pool_maxsize, ca_certs=self.ca_certs,
                                         idle_timeout=self.pool_idle_timeout)
         return self._transport
+
+    @property
+    def limiter(self) -> Limiter:
+        if self._limiter is None:
+            self._limiter = Limiter(self.limits_store, self.limits_timeout, self.limits_fail_open)
+        return self._limiter
 
     def trusted(self) -> TrustedProxies:
         configured = self.trusted_proxies
@@ -210,6 +230,8 @@ class Proxy:
         if _call(self.before_forward, req, res, ureq):
             return None
         _check_upstream_request(ureq)
+        if self._overrides("rate_limits"):
+            self._take_limits(req)
         route = self._route(req)
         policy = _call(self.retry_policy, req)
         retries = policy.to_urllib3()
@@ -240,6 +262,14 @@ class Proxy:
         # Only an after_forward hook could make the two differ; without one, no copy.
         res.headers = resp.headers.copy() if self._overrides("after_forward") else resp.headers
         return None
+
+    def _take_limits(self, req: Request) -> None:
+        limits = _call(self.rate_limits, req)
+        if not limits:
+            return
+        if not isinstance(limits, (list, tuple)) or not all(isinstance(limit, Limit) for limit in limits):
+            raise HookError(f"rate_limits must return a list of Limit, not {limits!r:.100}")
+        req.rate_limit_headers = self.limiter.take(limits)  # raises RateLimited, LimitsUnavailable
 
     def _upgrade_asked(self, req: Request) -> str | None:
         """The protocols a tunnel request asks for (as sent), None for an ordinary request; 501 if not allowed."""
@@ -295,6 +325,8 @@ class Proxy:
         if not keep_length:
             pairs.append(("Content-Length", str(len(res.body))))
         pairs.append((REQUEST_ID_HEADER, req.request_id))
+        if req.rate_limit_headers:
+            pairs += req.rate_limit_headers
         return pairs
 
 

@@ -91,6 +91,7 @@ class StreamRelay:
                                                      drop=(*drop, REQUEST_ID_HEADER.lower()))
         pairs.append(("X-Accel-Buffering", "no"))
         pairs.append((REQUEST_ID_HEADER, self.req.request_id))
+        pairs += self.req.rate_limit_headers
         self._set_idle_timeout()
         return self.resp.status, pairs, self
 

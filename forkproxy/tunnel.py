@@ -146,7 +146,7 @@ class Tunnel:
             for end in (self._client, self._upstream):
                 end.sock.settimeout(self.idle_timeout)
             head = handshake.client_head(self.reply.reason, self.reply.headers,
-                                         ((REQUEST_ID_HEADER, self.req.request_id),))
+                                         ((REQUEST_ID_HEADER, self.req.request_id), *self.req.rate_limit_headers))
             try:
                 self._client.write(head)
             except OSError:
