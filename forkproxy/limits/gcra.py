@@ -19,6 +19,9 @@ import math
 from typing import NamedTuple, Sequence
 
 MAX_PER = 86400.0  # a day: the longest window
+# Times are epoch seconds (shared across processes and hosts), exact to ~0.2 us at today's
+# epoch and to 1 us in the Redis script: counts and seconds shown are rounded with this slack.
+_SLACK = 1e-3
 
 
 class Limit:
@@ -92,19 +95,19 @@ def headers(limits: Sequence[Limit], decision: Decision) -> list[tuple[str, str]
     """
     best, best_share, best_left = 0, 2.0, 0
     for i, (limit, ahead) in enumerate(zip(limits, decision.ahead)):
-        left = max(0, math.floor((limit.tolerance - ahead) / limit.interval + 1e-9))
+        left = max(0, math.floor((limit.tolerance - ahead) / limit.interval + _SLACK))
         share = left / limit.burst
         if share < best_share:
             best, best_share, best_left = i, share, left
     limit, ahead = limits[best], decision.ahead[best]
     name = limit.name
     return [("RateLimit-Policy", f'"{name}";q={_whole(limit.burst)};w={_whole(limit.per)}'),
-            ("RateLimit", f'"{name}";r={best_left};t={max(0, math.ceil(ahead - 1e-9))}')]
+            ("RateLimit", f'"{name}";r={best_left};t={max(0, math.ceil(ahead - _SLACK))}')]
 
 
 def retry_after_seconds(decision: Decision) -> int:
     """Whole seconds, rounded up (and at least 1: a client told 0 would come straight back)."""
-    return max(1, math.ceil(decision.retry_after - 1e-9))
+    return max(1, math.ceil(decision.retry_after - _SLACK))
 
 
 def _whole(value: float) -> str:

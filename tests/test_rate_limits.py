@@ -1,0 +1,251 @@
+"""Rate limits and budgets end to end: the real gunicorn with gevent workers, the local store, a real Redis.
+
+tests/apps/limited.py is the gateway; the client names its limits in headers.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.support.client import request
+from tests.support.gunicorn import Gunicorn
+from tests.support.redis import BINARY as REDIS, RedisServer
+
+needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run installs it)")
+
+
+def key() -> str:
+    return "k-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def start(upstream, tmp_path_factory):
+    started = []
+
+    def run(workers=1, store=None, **env):
+        store = store or f"local:{tmp_path_factory.mktemp('limits') / 'limits.sqlite3'}"
+        g = Gunicorn("tests.apps.limited:app", workers=workers,
+                     env={"TEST_UPSTREAM": upstream.url, "FORKPROXY_LIMITS_STORE": store, **env}).start()
+        started.append(g)
+        return g
+    yield run
+    for g in started:
+        g.stop()
+
+
+@pytest.fixture(scope="module")
+def local(start):
+    return start(workers=2)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+def fire(urls: list[str], count: int, headers: dict, path: str = "/limited") -> list:
+    """``count`` requests at once, each on a new connection, spread over ``urls``."""
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(lambda i: request(urls[i % len(urls)], "GET", path, headers=headers), range(count)))
+
+
+def statuses(replies) -> dict:
+    counts = {}
+    for reply in replies:
+        counts[reply.status] = counts.get(reply.status, 0) + 1
+    return counts
+
+
+# -- counts are exact across workers and hosts ---------------------------------------
+
+
+def test_two_workers_sharing_the_local_store_let_exactly_the_limit_through(local, upstream):
+    upstream.route("/slow-limited", lambda h, s: (time.sleep(0.02), h.reply(200, b"ok")))  # both workers get work
+    replies = fire([local.url], 90, {"X-Key": key(), "X-Limit": "30/600"}, path="/slow-limited")
+    assert statuses(replies) == {200: 30, 429: 60}
+    assert len({r.header("X-Worker") for r in replies}) == 2  # both workers took part
+
+
+@needs_redis
+def test_two_instances_of_two_workers_sharing_one_redis_let_exactly_the_limit_through(start, redis_server):
+    a, b = start(workers=2, store=redis_server.url), start(workers=2, store=redis_server.url)
+    replies = fire([a.url, b.url], 120, {"X-Key": key(), "X-Limit": "40/600"})
+    assert statuses(replies) == {200: 40, 429: 80}
+    assert len({r.header("X-Worker") for r in replies}) == 4
+
+
+# -- the algorithm as a client sees it -------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+def test_a_burst_passes_then_the_rate_refills_it(store, local, start, redis_server):
+    g = local if store == "local" else start(store=redis_server.url)
+    headers = {"X-Key": key(), "X-Limit": "5/1"}  # 5 a second, all 5 at once
+    got = [request(g.url, "GET", "/limited", headers=headers) for _ in range(6)]
+    assert [r.status for r in got] == [200] * 5 + [429]
+    refused = got[-1]
+    assert refused.error_type() == "rate_limited" and refused.header("Retry-After") == "1"
+    assert "'req'" in refused.json()["error"]["message"]
+    time.sleep(0.5)  # 2.5 units back
+    again = [request(g.url, "GET", "/limited", headers=headers).status for _ in range(4)]
+    assert 1 <= again.count(200) <= 3 and again[0] == 200
+
+
+def test_replies_carry_the_ratelimit_headers_of_the_tightest_limit(local):
+    headers = {"X-Key": key(), "X-Limit": "20/60"}
+    first = request(local.url, "GET", "/limited", headers=headers)
+    assert first.header("RateLimit-Policy") == '"req";q=20;w=60'
+    assert first.header("RateLimit") == '"req";r=19;t=3'
+    tight = request(local.url, "GET", "/limited", headers={**headers, "X-Also": "tight"})
+    assert tight.header("RateLimit-Policy") == '"tight";q=5;w=60'  # 4 of 5 left is tighter than 18 of 20
+    assert re.fullmatch(r'"tight";r=4;t=1[12]', tight.header("RateLimit"))
+
+
+def test_all_limits_are_taken_together_or_none_is(local):
+    k = key()
+    for _ in range(5):
+        assert request(local.url, "GET", "/limited", headers={"X-Key": k, "X-Also": "small"}).status == 200
+    both = {"X-Key": k, "X-Also": "small", "X-Limit": "100/60"}
+    assert all(request(local.url, "GET", "/limited", headers=both).status == 429 for _ in range(3))
+    alone = request(local.url, "GET", "/limited", headers={"X-Key": k, "X-Limit": "100/60"})
+    assert alone.header("RateLimit") == '"req";r=99;t=1'  # the refused three took nothing
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+def test_a_budget_charged_after_the_reply_refuses_the_next_request_until_it_refills(store, local, start,
+                                                                                   redis_server, upstream):
+    g = local if store == "local" else start(store=redis_server.url)
+    upstream.route("/tokens", lambda h, s: h.reply(200, b"{}", headers=[("X-Tokens", "150")]))
+    headers = {"X-Key": key(), "X-Budget": "100/60"}  # 100 tokens a minute, checked, charged afterwards
+    assert request(g.url, "GET", "/tokens", headers=headers).status == 200  # spends 150: 50 below zero
+    refused = request(g.url, "GET", "/tokens", headers=headers)
+    assert refused.status == 429 and int(refused.header("Retry-After")) in (30, 31)
+
+
+def test_a_streamed_completion_is_charged_from_its_usage_chunk(local, upstream):
+    def completion(h, s):
+        h.start_chunked(content_type="text/event-stream")
+        h.chunk(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n')
+        h.chunk(b'data: {"choices": [], "usage": {"total_tokens": 90}}\n\n')
+        h.chunk(b"data: [DONE]\n\n")
+        h.end_chunked()
+    upstream.route("/stream-usage", completion)
+    headers = {"X-Key": key(), "X-Budget": "100/60"}
+    assert request(local.url, "GET", "/stream-usage", headers=headers).status == 200
+    assert request(local.url, "GET", "/stream-usage", headers=headers).status == 200  # 90 of 100: not spent yet
+    deadline = time.monotonic() + 5
+    while request(local.url, "GET", "/stream-usage", headers=headers).status != 429:
+        assert time.monotonic() < deadline  # 180 charged: spent until it refills
+
+
+# -- keys stay secret --------------------------------------------------------------------
+
+
+@needs_redis
+def test_keys_are_hashed_in_redis_the_local_store_and_the_log(start, redis_server, local):
+    secret = "sk-live-" + uuid.uuid4().hex
+    g = start(store=redis_server.url, FORKPROXY_METRICS_BIND="")
+    for target in (g, local):
+        for _ in range(3):
+            request(target.url, "GET", "/limited", headers={"X-Key": secret, "X-Limit": "1/60"})
+    keys = redis_server.command("KEYS", "*")
+    assert b"fpl:" in keys and secret.encode() not in keys
+    assert secret not in g.log() and secret not in local.log()
+    store_file = Path(re.search(r"local:(\S+)", " ".join(local.env.values())).group(1))
+    for path in store_file.parent.iterdir():
+        assert secret.encode() not in path.read_bytes()
+
+
+# -- a failing store ------------------------------------------------------------------------
+
+
+@needs_redis
+def test_redis_killed_paused_and_restarted_fails_open_fast_and_limiting_resumes(start):
+    server = RedisServer()
+    try:
+        g = start(store=server.url)
+        headers = {"X-Key": key(), "X-Limit": "3/600"}
+        assert [request(g.url, "GET", "/limited", headers=headers).status for _ in range(4)] == [200] * 3 + [429]
+        for outage in (server.pause, server.stop):
+            outage()
+            slowest = 0.0
+            for _ in range(20):
+                started = time.monotonic()
+                assert request(g.url, "GET", "/limited", headers=headers).status == 200  # uncounted
+                slowest = max(slowest, time.monotonic() - started)
+            assert slowest < 0.5, slowest
+            if outage == server.pause:
+                server.resume()
+            else:
+                server.start()  # an empty Redis on the same port: the script is loaded again (NOSCRIPT)
+            deadline = time.monotonic() + 5
+            while request(g.url, "GET", "/limited", headers=headers).status != 429:
+                assert time.monotonic() < deadline, "limiting did not resume"
+                time.sleep(0.1)
+        log = g.log()
+        assert log.count("limits store") == 4, log  # one line when each outage began, one when it ended
+    finally:
+        server.close()
+
+
+@needs_redis
+def test_fail_closed_answers_503_while_the_store_is_down(start):
+    server = RedisServer()
+    try:
+        g = start(store=server.url, TEST_FAIL_CLOSED="1")
+        headers = {"X-Key": key(), "X-Limit": "100/60"}
+        assert request(g.url, "GET", "/limited", headers=headers).status == 200
+        server.stop()
+        down = request(g.url, "GET", "/limited", headers=headers)
+        assert down.status == 503 and down.error_type() == "limits_unavailable"
+        assert request(g.url, "GET", "/plain").status == 200  # requests without limits never ask the store
+    finally:
+        server.close()
+
+
+@needs_redis
+def test_a_redis_that_refuses_scripts_fails_open_with_one_log_line(start):
+    server = RedisServer("--rename-command", "EVALSHA", "", "--rename-command", "EVAL", "")
+    try:
+        g = start(store=server.url)
+        for _ in range(5):
+            assert request(g.url, "GET", "/limited", headers={"X-Key": key(), "X-Limit": "1/60"}).status == 200
+            time.sleep(0.3)  # past the store's rest after a failure: each request asks again
+        assert g.log().count("limits store") == 1
+    finally:
+        server.close()
+
+
+@needs_redis
+def test_a_flushed_script_is_loaded_again(start, redis_server):
+    g = start(store=redis_server.url)
+    headers = {"X-Key": key(), "X-Limit": "2/600"}
+    assert request(g.url, "GET", "/limited", headers=headers).status == 200
+    redis_server.command("SCRIPT", "FLUSH")
+    assert [request(g.url, "GET", "/limited", headers=headers).status for _ in range(2)] == [200, 429]
+    assert "limits store" not in g.log()
+
+
+def test_a_limited_request_leaves_an_unlimited_one_alone(local):
+    k = key()
+    request(local.url, "GET", "/limited", headers={"X-Key": k, "X-Limit": "1/600"})
+    assert request(local.url, "GET", "/limited", headers={"X-Key": k, "X-Limit": "1/600"}).status == 429
+    plain = request(local.url, "GET", "/limited", headers={"X-Key": k})
+    assert plain.status == 200 and plain.header("RateLimit") is None
+
+
+def test_threads_are_not_needed_for_counting(local):
+    # Sequential requests on one keep-alive connection count the same as concurrent ones.
+    k = {"X-Key": key(), "X-Limit": "4/600"}
+    assert [request(local.url, "GET", "/limited", headers=k).status for _ in range(6)] == [200] * 4 + [429] * 2
+    assert threading.active_count() >= 1
