@@ -57,6 +57,8 @@ def test_defaults_follow_the_contract():
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_TUNNEL_IDLE_TIMEOUT": "soon"},
      ["FORKPROXY_TUNNEL_IDLE_TIMEOUT", "not a number", "'soon'"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_TUNNEL_IDLE_TIMEOUT": "0"}, ["FORKPROXY_TUNNEL_IDLE_TIMEOUT"]),
+    ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_LIMITS_STORE": "memcached://cache:11211"},
+     ["FORKPROXY_LIMITS_STORE", "redis://", "'memcached://cache:11211'"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_RETRY_ATTEMPTS": "0"}, ["FORKPROXY_RETRY_ATTEMPTS", "at least 1"]),
     ({"FORKPROXY_UPSTREAM": "http://x", "FORKPROXY_RETRY_BACKOFF_MS": "-5"}, ["FORKPROXY_RETRY_BACKOFF_MS", "'-5'"]),
 ])

@@ -87,9 +87,15 @@ def test_two_instances_of_two_workers_sharing_one_redis_let_exactly_the_limit_th
 # -- the algorithm as a client sees it -------------------------------------------------
 
 
+@pytest.fixture
+def gateway_for(local, start, request):
+    """gateway_for(store): the shared local-store gateway, or a new one on the module's Redis (skipped without one)."""
+    return lambda store: local if store == "local" else start(store=request.getfixturevalue("redis_server").url)
+
+
 @pytest.mark.parametrize("store", ["local", "redis"])
-def test_a_burst_passes_then_the_rate_refills_it(store, local, start, redis_server):
-    g = local if store == "local" else start(store=redis_server.url)
+def test_a_burst_passes_then_the_rate_refills_it(store, gateway_for):
+    g = gateway_for(store)
     headers = {"X-Key": key(), "X-Limit": "5/1"}  # 5 a second, all 5 at once
     got = [request(g.url, "GET", "/limited", headers=headers) for _ in range(6)]
     assert [r.status for r in got] == [200] * 5 + [429]
@@ -122,9 +128,8 @@ def test_all_limits_are_taken_together_or_none_is(local):
 
 
 @pytest.mark.parametrize("store", ["local", "redis"])
-def test_a_budget_charged_after_the_reply_refuses_the_next_request_until_it_refills(store, local, start,
-                                                                                   redis_server, upstream):
-    g = local if store == "local" else start(store=redis_server.url)
+def test_a_budget_charged_after_the_reply_refuses_the_next_request_until_it_refills(store, gateway_for, upstream):
+    g = gateway_for(store)
     upstream.route("/tokens", lambda h, s: h.reply(200, b"{}", headers=[("X-Tokens", "150")]))
     headers = {"X-Key": key(), "X-Budget": "100/60"}  # 100 tokens a minute, checked, charged afterwards
     assert request(g.url, "GET", "/tokens", headers=headers).status == 200  # spends 150: 50 below zero
