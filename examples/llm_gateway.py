@@ -11,7 +11,12 @@
   completion that may have been generated (reset or timeout after sending) is never sent twice;
 - every request writes one JSON line to LLM_USAGE_LOG (default: stderr) with the model,
   the client, the completion events streamed and the usage block, even when the
-  client hung up mid-stream.
+  client hung up mid-stream;
+- per client key: LLM_RPM requests a minute (default 600) and LLM_TPM tokens a minute
+  (default 1,000,000; 0 turns either off), shared by every worker and, with
+  LLM_LIMITS_STORE=redis://host:6379/0, by every host. Tokens are charged from the
+  usage the upstream reports (the final chunk of a stream), so a client that spent its
+  budget gets 429 with Retry-After until it refills.
 """
 import hashlib
 import json
@@ -19,7 +24,7 @@ import os
 import sys
 import time
 
-from forkproxy import Proxy, RetryPolicy
+from forkproxy import Limit, Proxy, RetryPolicy
 from forkproxy.sse import event_data
 
 UNAUTHORIZED = {"error": {"message": "invalid or missing API key", "type": "unauthorized"}}
@@ -35,6 +40,8 @@ class LLMGateway(Proxy):
     client_keys: frozenset = frozenset()
     routes: list = []
     usage_log = None
+    requests_per_minute = 600
+    tokens_per_minute = 1_000_000
 
     # -- before the upstream --------------------------------------------------
 
@@ -55,6 +62,19 @@ class LLMGateway(Proxy):
                 body["stream_options"] = {"include_usage": True}  # ask for the usage chunk
                 ureq.body = json.dumps(body)
         return False
+
+    def rate_limits(self, req):
+        client = req.ivars["client"]  # a hash of the key; forkproxy hashes keys again before storing them
+        limits = []
+        if self.requests_per_minute:
+            limits.append(Limit("rpm:" + client, rate=self.requests_per_minute, per=60))
+        if self.tokens_per_minute:  # checked now (cost 0), charged when the upstream says what was used
+            limits.append(Limit("tpm:" + client, rate=self.tokens_per_minute, per=60, cost=0))
+        return limits
+
+    def bill(self, req, usage):
+        if self.tokens_per_minute and usage and "client" in req.ivars:
+            self.charge("tpm:" + req.ivars["client"], usage.get("total_tokens", 0))
 
     def pick_upstream(self, req):
         model = req.ivars.get("model") or ""
@@ -88,6 +108,7 @@ class LLMGateway(Proxy):
             stats.meta["usage"] = event["usage"]
 
     def on_stream_end(self, req, out, stats):
+        self.bill(req, stats.meta.get("usage"))
         self.record(req, streamed=True, events=stats.meta.get("completion_events", 0),
                     usage=stats.meta.get("usage"), errored=stats.errored,
                     client_disconnected=stats.client_disconnected)
@@ -103,6 +124,7 @@ class LLMGateway(Proxy):
                 usage = json.loads(res.body).get("usage")
             except (ValueError, AttributeError):
                 pass
+        self.bill(req, usage)
         self.record(req, streamed=False, status=res.status, usage=usage,
                     error=ures.error.type if ures.error else None)
 
@@ -119,11 +141,14 @@ class LLMGateway(Proxy):
 
 
 def from_env(env=os.environ) -> LLMGateway:
-    gateway = LLMGateway(env["LLM_UPSTREAM"], timeout=float(env.get("LLM_TIMEOUT", 120)))
+    gateway = LLMGateway(env["LLM_UPSTREAM"], timeout=float(env.get("LLM_TIMEOUT", 120)),
+                         limits_store=env.get("LLM_LIMITS_STORE", "local"))
     gateway.upstream_key = env.get("LLM_UPSTREAM_KEY", "")
     gateway.client_keys = frozenset(k.strip() for k in env.get("LLM_CLIENT_KEYS", "").split(",") if k.strip())
     gateway.routes = parse_routes(env.get("LLM_ROUTES", ""))
     gateway.usage_log = env.get("LLM_USAGE_LOG")
+    gateway.requests_per_minute = int(env.get("LLM_RPM", LLMGateway.requests_per_minute))
+    gateway.tokens_per_minute = int(env.get("LLM_TPM", LLMGateway.tokens_per_minute))
     return gateway
 
 

@@ -40,6 +40,7 @@ def llm(upstream, tmp_path_factory):
         "LLM_UPSTREAM": upstream.url + "/small",
         "LLM_ROUTES": f"big-={upstream.url}/big,flaky-={upstream.url}/flaky-{uuid.uuid4().hex}",
         "LLM_UPSTREAM_KEY": "real-secret", "LLM_CLIENT_KEYS": "client-1,client-2", "LLM_USAGE_LOG": str(usage_log),
+        "LLM_LIMITS_STORE": f"local:{usage_log.parent / 'limits.sqlite3'}",
     }).start()
     g.usage = usage_log
     yield g
@@ -122,6 +123,26 @@ def flaky_route(upstream, llm, first):
         h.reply(200, json.dumps({"choices": [], "usage": {"total_tokens": 3}}).encode(), content_type="application/json")
     upstream.route(prefix + "/", route)
     return calls
+
+
+def test_each_client_key_gets_its_requests_a_minute_and_its_tokens_a_minute(upstream, tmp_path):
+    g = Gunicorn("examples.llm_gateway:app", env={
+        "LLM_UPSTREAM": upstream.url + "/small", "LLM_UPSTREAM_KEY": "real-secret",
+        "LLM_CLIENT_KEYS": "client-1,client-2", "LLM_USAGE_LOG": str(tmp_path / "usage.jsonl"),
+        "LLM_RPM": "4", "LLM_TPM": "50", "LLM_LIMITS_STORE": f"local:{tmp_path / 'limits.sqlite3'}"}).start()
+    try:
+        model = f"m-{uuid.uuid4().hex}"
+        assert chat(g, model, True).status == 200  # 42 tokens of 50, charged from the usage chunk
+        assert chat(g, model, True).status == 200  # still within the budget when it started: now 84
+        spent = chat(g, model, True)
+        assert spent.status == 429 and spent.error_type() == "rate_limited"
+        assert "'tpm'" in spent.json()["error"]["message"] and int(spent.header("Retry-After")) >= 30
+        assert "client" not in spent.json()["error"]["message"]
+        other = [chat(g, model, False, key="client-2").status for _ in range(5)]  # 7 tokens each, 4 a minute
+        assert other == [200] * 4 + [429]
+        assert chat(g, model, False, key="client-2").header("RateLimit-Policy") == '"rpm";q=4;w=60'
+    finally:
+        g.stop()
 
 
 def test_a_completion_that_may_have_been_generated_is_never_sent_twice(llm, upstream):
