@@ -40,7 +40,7 @@ def llm(upstream, tmp_path_factory):
         "LLM_UPSTREAM": upstream.url + "/small",
         "LLM_ROUTES": f"big-={upstream.url}/big,flaky-={upstream.url}/flaky-{uuid.uuid4().hex}",
         "LLM_UPSTREAM_KEY": "real-secret", "LLM_CLIENT_KEYS": "client-1,client-2", "LLM_USAGE_LOG": str(usage_log),
-        "LLM_LIMITS_STORE": f"local:{usage_log.parent / 'limits.sqlite3'}",
+        "LLM_LIMITS_STORE": f"local:{usage_log.parent / 'limits.lmdb'}",
     }).start()
     g.usage = usage_log
     yield g
@@ -129,7 +129,7 @@ def test_each_client_key_gets_its_requests_a_minute_and_its_tokens_a_minute(upst
     g = Gunicorn("examples.llm_gateway:app", env={
         "LLM_UPSTREAM": upstream.url + "/small", "LLM_UPSTREAM_KEY": "real-secret",
         "LLM_CLIENT_KEYS": "client-1,client-2", "LLM_USAGE_LOG": str(tmp_path / "usage.jsonl"),
-        "LLM_RPM": "4", "LLM_TPM": "50", "LLM_LIMITS_STORE": f"local:{tmp_path / 'limits.sqlite3'}"}).start()
+        "LLM_RPM": "4", "LLM_TPM": "50", "LLM_LIMITS_STORE": f"local:{tmp_path / 'limits.lmdb'}"}).start()
     try:
         model = f"m-{uuid.uuid4().hex}"
         assert chat(g, model, True).status == 200  # 42 tokens of 50, charged from the usage chunk

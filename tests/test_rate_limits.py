@@ -29,7 +29,7 @@ def start(upstream, tmp_path_factory):
     started = []
 
     def run(workers=1, store=None, **env):
-        store = store or f"local:{tmp_path_factory.mktemp('limits') / 'limits.sqlite3'}"
+        store = store or f"local:{tmp_path_factory.mktemp('limits') / 'limits.lmdb'}"
         g = Gunicorn("tests.apps.limited:app", workers=workers,
                      env={"TEST_UPSTREAM": upstream.url, "FORKPROXY_LIMITS_STORE": store, **env}).start()
         started.append(g)

@@ -115,14 +115,14 @@ def test_a_redis_url_with_a_password_never_shows_it():
 
 
 def test_the_local_store_keeps_hashed_keys_and_counts(tmp_path):
-    limiter = Limiter(f"local:{tmp_path / 'l.sqlite3'}", 0.05, True)
+    limiter = Limiter(f"local:{tmp_path / 'l.lmdb'}", 0.05, True)
     limits = [Limit("rpm:sk-secret", rate=3, per=60)]
     for _ in range(3):
         limiter.take(limits)
     with pytest.raises(RateLimited) as info:
         limiter.take(limits)
     assert info.value.headers[0] == ("Retry-After", "20")
-    assert b"sk-secret" not in (tmp_path / "l.sqlite3").read_bytes()
+    assert b"sk-secret" not in (tmp_path / "l.lmdb").read_bytes()
 
 
 def _take_many(path, count, out):
@@ -132,7 +132,7 @@ def _take_many(path, count, out):
 
 
 def test_processes_sharing_the_local_store_never_let_more_than_the_limit_through(tmp_path):
-    path = str(tmp_path / "shared.sqlite3")
+    path = str(tmp_path / "shared.lmdb")
     out = multiprocessing.get_context("fork").Queue()
     procs = [multiprocessing.get_context("fork").Process(target=_take_many, args=(path, 40, out)) for _ in range(4)]
     for proc in procs:
@@ -143,7 +143,7 @@ def test_processes_sharing_the_local_store_never_let_more_than_the_limit_through
 
 
 def test_a_charge_for_a_key_never_limited_is_a_no_op(tmp_path):
-    store = LocalStore(str(tmp_path / "c.sqlite3"), 0.05)
+    store = LocalStore(str(tmp_path / "c.lmdb"), 0.05)
     store.charge(hashed("tok:new"), None, 10)
     limit = Limit("tok:new", rate=10, per=60, cost=0)
     assert store.take([hashed(limit.key)], [limit]).allowed

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
 from typing import Protocol, Sequence
 
 from ..errors import LimitsUnavailable, RateLimited
@@ -26,7 +25,7 @@ from .redis_store import RedisStore
 log = logging.getLogger("forkproxy")
 
 _REST_AFTER_FAILURE = 1.0  # seconds the store is not asked after it failed
-_KNOWN = 4096  # keys whose emission interval this process remembers, for charges
+_KNOWN = 65536  # keys whose hash and interval this process remembers (then it starts over)
 
 
 class Store(Protocol):
@@ -54,15 +53,15 @@ class Limiter:
         self._resting_until = 0.0
         self._outage: tuple[float, str] | None = None  # (since, why) while the store is failing
         self._uncounted = 0
-        self._intervals: OrderedDict[str, float] = OrderedDict()
+        self._ids: dict[str, str] = {}  # key -> hashed id, for the keys seen lately
+        self._intervals: dict[str, float] = {}  # hashed id -> emission interval, for charges
 
     def take(self, limits: Sequence[Limit]) -> list[tuple[str, str]]:
         """Take every limit's cost or none; the rate-limit headers for the reply. Raises RateLimited, LimitsUnavailable."""
-        ids = [hashed(limit.key) for limit in limits]
-        decision = self._ask(lambda: self.store.take(ids, limits))
+        ids = [self._id(limit) for limit in limits]
+        decision = self._ask(self.store.take, ids, limits)
         if decision is None:
             return []
-        self._remember(ids, limits)
         pairs = headers(limits, decision)
         if decision.allowed:
             return pairs
@@ -79,14 +78,24 @@ class Limiter:
     def charge(self, key: str, amount: float) -> None:
         """Take ``amount`` from ``key``'s limit after the fact; a store failure is logged, never raised."""
         id_ = hashed(key)
-        self._ask(lambda: self.store.charge(id_, self._intervals.get(id_), amount), refuse=False)
+        self._ask(self.store.charge, id_, self._intervals.get(id_), amount, refuse=False)
 
-    def _ask(self, call, refuse: bool = True):
-        now = time.monotonic()
-        if now < self._resting_until:
+    def _id(self, limit: Limit) -> str:
+        """The key's hash, remembered with the limit's interval (for charges) for the keys seen lately."""
+        known = self._ids.get(limit.key)
+        if known is None or self._intervals.get(known) != limit.interval:
+            if len(self._ids) >= _KNOWN:
+                self._ids.clear()
+                self._intervals.clear()
+            known = self._ids[limit.key] = hashed(limit.key)
+            self._intervals[known] = limit.interval
+        return known
+
+    def _ask(self, call, *args, refuse: bool = True):
+        if self._resting_until and time.monotonic() < self._resting_until:
             return self._failed(None, refuse)
         try:
-            result = call()
+            result = call(*args)
         except Exception as exc:  # down, timed out, refused the script, locked: all the same to a request
             self._resting_until = time.monotonic() + _REST_AFTER_FAILURE
             return self._failed(exc, refuse)
@@ -110,11 +119,3 @@ class Limiter:
         if refuse and not self.fail_open:
             raise LimitsUnavailable("rate limits cannot be checked now (the limits store is unavailable)")
         return None
-
-    def _remember(self, ids: Sequence[str], limits: Sequence[Limit]) -> None:
-        known = self._intervals
-        for id_, limit in zip(ids, limits):
-            known[id_] = limit.interval
-            known.move_to_end(id_)
-        while len(known) > _KNOWN:
-            known.popitem(last=False)

@@ -4,6 +4,7 @@
 - ``werkzeug``: werkzeug's ProxyMiddleware, a Python peer.
 - ``naive``: a minimal urllib3 proxy, what one writes in an afternoon.
 - ``ws_messages``: forkproxy with a pass-through message hook (tunnels parsed by wsproto).
+- ``limited``: forkproxy with one rate limit set far above the load (the store BENCH_LIMITS_STORE names), or none.
 """
 import os
 
@@ -69,3 +70,17 @@ def _ws_messages():
 
 
 ws_messages = _ws_messages()
+
+
+def _limited():
+    """forkproxy with one limit far above any load in the store BENCH_LIMITS_STORE names; without it, none."""
+    from forkproxy import Limit, Proxy
+
+    class Limited(Proxy):
+        def rate_limits(self, req):
+            return [Limit("rpm:bench-client", rate=1e9, per=60)]
+    store = os.environ.get("BENCH_LIMITS_STORE")
+    return Limited(UPSTREAM, limits_store=store) if store else Proxy(UPSTREAM)
+
+
+limited = _limited()

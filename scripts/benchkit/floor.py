@@ -10,6 +10,8 @@ the CPU of one 100-byte GET made three ways, alternating blocks of each:
   hooks, the pool, the reply headers;
 - ``forkproxy pool call``: the same through a 3-member ``UpstreamPool``
   (balancing, health, the route, the per-request Retry);
+- ``forkproxy call, one local limit``: the same with one rate limit in the
+  ``local`` store (LMDB in /dev/shm);
 - ``naive call`` and ``werkzeug call``: the peers' WSGI apps from the bench,
   called the same way: app code only, no server.
 
@@ -94,7 +96,11 @@ def peer_calls(port: int) -> dict:
     os.environ["BENCH_UPSTREAM"] = url
     from scripts.benchkit import apps  # reads BENCH_UPSTREAM
 
+    store = f"local:{tempfile.gettempdir() if not os.access('/dev/shm', os.W_OK) else '/dev/shm'}/forkproxy-floor.lmdb"
+    os.environ["BENCH_LIMITS_STORE"] = store
+    limited = apps._limited()
     return {"forkproxy call": wsgi_call(Proxy(url)), "forkproxy pool call": wsgi_call(Proxy(UpstreamPool([url] * 3))),
+            "forkproxy call, one local limit": wsgi_call(limited),
             "naive call": wsgi_call(apps.naive), "werkzeug call": wsgi_call(apps.werkzeug)}
 
 

@@ -34,7 +34,11 @@ def upstreams(count: int) -> tuple[list, list[str], list[Path]]:
 
 
 def cpu_per_small_get(upstream: str, secs: float) -> float:
-    target = Target("forkproxy", upstream)
+    return cpu_per_small_get_of(Target("forkproxy", upstream), secs)
+
+
+def cpu_per_small_get_of(target: Target, secs: float) -> float:
+    """The target's CPU per small GET under 50 connections for ``secs`` (the target is stopped after)."""
     try:
         pids = target.pids()
         wrk(target.url + "/b/small", 50, 1)  # warm the pools

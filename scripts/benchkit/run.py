@@ -137,7 +137,7 @@ class Target(Process):
 
     nginx: NginxProcess | None = None
 
-    def __init__(self, name: str, upstream: str) -> None:
+    def __init__(self, name: str, upstream: str, workers: int = 1, env: dict | None = None) -> None:
         self.name = name
         super().__init__()
         self.port = free_port()
@@ -165,12 +165,13 @@ class Target(Process):
         else:
             app = {"forkproxy": "forkproxy.app", "empty": "scripts.benchkit.apps:empty",
                    "naive": "scripts.benchkit.apps:naive", "werkzeug": "scripts.benchkit.apps:werkzeug",
-                   "forkproxy+hooks": "scripts.benchkit.apps:ws_messages"}[name]
-            self.spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "1",
+                   "forkproxy+hooks": "scripts.benchkit.apps:ws_messages",
+                   "forkproxy+limit": "scripts.benchkit.apps:limited"}[name]
+            self.spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", str(workers),
                         "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", "--access-logfile", "/dev/null",
                         "--backlog", "8192", "--log-level", "warning", app],
                        PROXY_CPU, {"FORKPROXY_UPSTREAM": upstream, "BENCH_UPSTREAM": upstream,
-                                   "PYTHONPATH": str(ROOT)})
+                                   "PYTHONPATH": str(ROOT), **(env or {})})
         wait_port(self.port)
         time.sleep(0.5)  # workers boot after the master listens
 
