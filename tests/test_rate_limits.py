@@ -69,11 +69,14 @@ def statuses(replies) -> dict:
 # -- counts are exact across workers and hosts ---------------------------------------
 
 
-def test_two_workers_sharing_the_local_store_let_exactly_the_limit_through(local, upstream):
-    upstream.route("/slow-limited", lambda h, s: (time.sleep(0.02), h.reply(200, b"ok")))  # both workers get work
-    replies = fire([local.url], 90, {"X-Key": key(), "X-Limit": "30/600"}, path="/slow-limited")
+def test_workers_sharing_the_local_store_let_exactly_the_limit_through(local, start, upstream):
+    # gunicorn may hand one worker all the connections, so a second instance on the same store
+    # makes sure at least two processes count (the local store is per machine, not per instance).
+    other = start(store=local.env["FORKPROXY_LIMITS_STORE"])
+    upstream.route("/slow-limited", lambda h, s: (time.sleep(0.02), h.reply(200, b"ok")))
+    replies = fire([local.url, other.url], 90, {"X-Key": key(), "X-Limit": "30/600"}, path="/slow-limited")
     assert statuses(replies) == {200: 30, 429: 60}
-    assert len({r.header("X-Worker") for r in replies}) == 2  # both workers took part
+    assert len({r.header("X-Worker") for r in replies}) >= 2
 
 
 @needs_redis
@@ -81,7 +84,7 @@ def test_two_instances_of_two_workers_sharing_one_redis_let_exactly_the_limit_th
     a, b = start(workers=2, store=redis_server.url), start(workers=2, store=redis_server.url)
     replies = fire([a.url, b.url], 120, {"X-Key": key(), "X-Limit": "40/600"})
     assert statuses(replies) == {200: 40, 429: 80}
-    assert len({r.header("X-Worker") for r in replies}) == 4
+    assert len({r.header("X-Worker") for r in replies}) >= 2  # both hosts (gunicorn may favour one worker of each)
 
 
 # -- the algorithm as a client sees it -------------------------------------------------

@@ -5,7 +5,7 @@ full again. A request of ``cost`` moves the TAT on by ``cost`` emission
 intervals (``per / rate`` seconds each); it is allowed when the new TAT is
 at most ``burst`` intervals ahead of now. That is a token bucket of size
 ``burst`` refilling at ``rate / per``, kept as a single float that both
-stores (SQLite, a Redis script) update in one atomic step. A charge after
+stores (LMDB, a Redis script) update in one atomic step. A charge after
 the fact moves the TAT on without a check, so a budget may go below zero;
 until the TAT is back within reach, every request is refused, ``cost=0``
 ones included (they only check).
