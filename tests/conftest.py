@@ -49,19 +49,28 @@ class Records:
 
 
 @pytest.fixture(scope="module")
-def recorded_gateways(tmp_path_factory):
-    """start(app, **env): a gateway under gunicorn whose end-of-stream/tunnel hooks write to ``g.records``."""
+def gateways():
+    """start(app, workers=1, **env): a gateway under gunicorn, stopped with the module."""
     started = []
 
-    def start(app, **env):
-        records = Records(tmp_path_factory.mktemp("records") / "records.jsonl")
-        g = Gunicorn(app, env={"TEST_RECORDS": str(records.path), **env}).start()
-        g.records = records
+    def start(app, workers=1, **env):
+        g = Gunicorn(app, workers=workers, env=env).start()
         started.append(g)
         return g
     yield start
     for g in started:
         g.stop()
+
+
+@pytest.fixture(scope="module")
+def recorded_gateways(gateways, tmp_path_factory):
+    """start(app, **env): a gateway whose end-of-stream/tunnel hooks write to ``g.records``."""
+    def start(app, **env):
+        records = Records(tmp_path_factory.mktemp("records") / "records.jsonl")
+        g = gateways(app, TEST_RECORDS=str(records.path), **env)
+        g.records = records
+        return g
+    return start
 
 
 @pytest.fixture(scope="module")

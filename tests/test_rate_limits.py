@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.client import request
-from tests.support.gunicorn import Gunicorn
 from tests.support.redis import BINARY as REDIS, RedisServer
 
 needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run installs it)")
@@ -25,18 +24,12 @@ def key() -> str:
 
 
 @pytest.fixture(scope="module")
-def start(upstream, tmp_path_factory):
-    started = []
-
+def start(gateways, upstream, tmp_path_factory):
     def run(workers=1, store=None, **env):
         store = store or f"local:{tmp_path_factory.mktemp('limits') / 'limits.lmdb'}"
-        g = Gunicorn("tests.apps.limited:app", workers=workers,
-                     env={"TEST_UPSTREAM": upstream.url, "FORKPROXY_LIMITS_STORE": store, **env}).start()
-        started.append(g)
-        return g
-    yield run
-    for g in started:
-        g.stop()
+        return gateways("tests.apps.limited:app", workers=workers, TEST_UPSTREAM=upstream.url,
+                        FORKPROXY_LIMITS_STORE=store, **env)
+    return run
 
 
 @pytest.fixture(scope="module")

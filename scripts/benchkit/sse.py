@@ -35,16 +35,25 @@ def _event() -> bytes:
     return _chunk(b"data: %.6f\n\n" % time.time())
 
 
+def read_request_head(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+    """(head, the bytes after it), reading on from ``buf``; None when the client closed first."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def handle(conn: socket.socket, addr) -> None:
     buf = b""
     try:
         while True:
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
+            got = read_request_head(conn, buf)
+            if got is None:
+                return
+            head, buf = got
             target = head.split(b" ", 2)[1].decode()
             url = urlsplit(target)
             args = {k: v[0] for k, v in parse_qs(url.query).items()}

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit  # noqa: E402
 import gevent  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
-from scripts.benchkit.sse import command_line, hold_open  # noqa: E402
+from scripts.benchkit.sse import command_line, hold_open, read_request_head  # noqa: E402
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PAYLOAD = b"bench-message-16"  # 16 bytes: the echo is 18
@@ -54,14 +54,11 @@ def _accept(head: bytes) -> bytes:
 
 
 def handle(conn: socket.socket, addr) -> None:
-    buf = b""
     try:
-        while b"\r\n\r\n" not in buf:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data
-        head, _, buf = buf.partition(b"\r\n\r\n")
+        got = read_request_head(conn, b"")
+        if got is None:
+            return
+        head, buf = got
         conn.sendall(_accept(head))
         while True:
             out = []
