@@ -250,3 +250,30 @@ def test_threads_are_not_needed_for_counting(local):
     k = {"X-Key": key(), "X-Limit": "4/600"}
     assert [request(local.url, "GET", "/limited", headers=k).status for _ in range(6)] == [200] * 4 + [429] * 2
     assert threading.active_count() >= 1
+
+
+@needs_redis
+def test_metrics_count_refusals_by_limit_name_and_store_errors_never_naming_a_key(start):
+    from tests.support.servers import free_port
+    from tests.test_observability import sample, scrape
+
+    server = RedisServer()
+    port = free_port()
+    secret = "sk-live-" + uuid.uuid4().hex
+    try:
+        g = start(workers=2, store=server.url, FORKPROXY_METRICS_BIND=f"127.0.0.1:{port}")
+        for _ in range(4):
+            request(g.url, "GET", "/limited", headers={"X-Key": secret, "X-Limit": "2/600"})
+        server.stop()
+        request(g.url, "GET", "/limited", headers={"X-Key": secret, "X-Limit": "2/600"})
+        deadline, text = time.monotonic() + 10, ""
+        while time.monotonic() < deadline:
+            text = scrape(port)
+            if sample(text, "forkproxy_limits_store_errors_total") >= 1:
+                break
+            time.sleep(0.1)
+        assert sample(text, "forkproxy_rate_limited_total", limit="req") == 2
+        assert sample(text, "forkproxy_limits_store_errors_total") == 1
+        assert secret not in text
+    finally:
+        server.close()
