@@ -1,0 +1,173 @@
+"""The LLM-gateway workloads, with the LiteLLM proxy among the targets: ``scripts/bench --llm``.
+
+An OpenAI-compatible mock (``scripts/benchkit/openai.py``) on CPU 1 answers
+``POST /v1/chat/completions`` at once: a ~1 KiB completion, or 50 streamed
+chunks plus usage. Each target runs one worker pinned to CPU 0 (wrk and the
+timing client on CPU 1):
+
+- ``direct``: the mock itself; ``nginx``: proxy_pass; ``forkproxy``:
+  ``forkproxy.app`` under gunicorn.conf.py; ``naive``: the bench's urllib3 proxy;
+- ``litellm``: the LiteLLM proxy from PyPI in its own venv (``.venv-litellm``),
+  started with its own command, ``litellm --config ... --num_workers 1`` (its
+  docs: one Uvicorn worker per pod/core, scale by adding them), one
+  ``openai/`` model pointing at the mock, offline: ``LITELLM_LOCAL_MODEL_COST_MAP``
+  (the bundled cost map, no download), ``LITELLM_MODE=PRODUCTION``, logging at
+  ERROR, no database, no callbacks. Skipped with one line where it cannot be
+  installed.
+
+Figures per workload (buffered completion, streamed completion; 50
+connections): requests/s, requests per second of proxy CPU (one core's worth),
+p50/p99; and the time to the first streamed chunk (sequential requests, each
+on a new connection), with what the proxy adds over direct.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from scripts.benchkit.openai import API_KEY, BODY, STREAM_BODY
+from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, Target, cpu_ticks, free_port, pin,
+                                  wait_port, wrk)
+from scripts.benchkit.tunnels import Upstream, client
+
+TARGETS = ["direct", "nginx", "forkproxy", "naive", "litellm"]
+LITELLM_VENV = ROOT / ".venv-litellm"
+LITELLM_SPEC = os.environ.get("BENCH_LITELLM", "litellm[proxy]")
+
+
+def ensure_litellm() -> tuple[Path | None, str]:
+    """(the litellm command, "") or (None, why not)."""
+    command = LITELLM_VENV / "bin" / "litellm"
+    if command.exists():
+        return command, ""
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True, capture_output=True)
+        subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "--quiet", LITELLM_SPEC],
+                       check=True, capture_output=True, timeout=900)
+    except (subprocess.SubprocessError, OSError) as exc:
+        shutil.rmtree(LITELLM_VENV, ignore_errors=True)
+        return None, f"could not install {LITELLM_SPEC}: {str(exc).splitlines()[0][:200]}"
+    return (command, "") if command.exists() else (None, "the litellm package has no litellm command")
+
+
+class LiteLLM(Process):
+    name = "litellm"
+
+    def __init__(self, command: Path, upstream: str) -> None:
+        super().__init__()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = self.tmp / "config.yaml"
+        config.write_text(
+            "model_list:\n"
+            "  - model_name: bench-model\n"
+            "    litellm_params:\n"
+            "      model: openai/bench-model\n"
+            "      api_key: sk-upstream\n"
+            f"      api_base: {upstream}/v1\n"
+            "litellm_settings:\n"
+            "  drop_params: true\n"
+            "  telemetry: false\n"
+            "general_settings:\n"
+            f"  master_key: {API_KEY}\n"
+            "  disable_spend_logs: true\n")
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MODE": "PRODUCTION", "LITELLM_LOG": "ERROR",
+               "DISABLE_ADMIN_UI": "True", "NO_DOCS": "True", "LITELLM_TELEMETRY": "False"}
+        self.spawn([str(command), "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port),
+                    "--num_workers", "1"], PROXY_CPU, env)
+        wait_port(self.port, timeout=120)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health/liveliness", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"litellm did not become ready: {(self.tmp / 'out.log').read_text()[-2000:]}")
+
+
+def lua(body: bytes, path: Path) -> Path:
+    path.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                    f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n'
+                    f"wrk.body = {json.dumps(body.decode())}\n")
+    return path
+
+
+def workloads(target: Process, scripts: dict, args) -> dict:
+    pids = target.pids() if target.name != "direct" else []
+    url = target.url + "/v1/chat/completions"
+    out = {}
+    for name, script in scripts.items():
+        wrk(url, 50, 2, script)  # warm
+        before = cpu_ticks(pids)
+        result = wrk(url, 50, args.seconds, script)
+        seconds = (cpu_ticks(pids) - before) / CLK
+        result["per_core_s"] = result["requests"] / seconds if pids and seconds else None
+        out[name] = result
+    out["ttfc"] = client("openai", "ttfc", target.url, str(args.ttfc), "1")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--ttfc", type=int, default=200, help="sequential streamed requests timed to the first chunk")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-llm-"))
+    scripts = {"buffered": lua(BODY, tmp / "buffered.lua"), "streamed": lua(STREAM_BODY, tmp / "streamed.lua")}
+    mock = Upstream("openai")
+    results, skipped = {}, {}
+    try:
+        for name in args.targets.split(","):
+            if name == "litellm":
+                command, why = ensure_litellm()
+                if command is None:
+                    skipped[name] = why
+                    print(f"litellm skipped: {why}", flush=True)
+                    continue
+                target: Process = LiteLLM(command, mock.url)
+            else:
+                target = Target(name, mock.url)
+            try:
+                results[name] = workloads(target, scripts, args)
+            finally:
+                target.stop()
+    finally:
+        mock.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(results, skipped)
+
+
+def report(results: dict, skipped: dict) -> None:
+    direct = results.get("direct", {}).get("ttfc", {}).get("p50_ms") or 0.0
+    print(f"LLM workloads: one worker on CPU {PROXY_CPU}, mock upstream and load on CPU {LOAD_CPU}, 50 connections")
+    print(f"{'target':10} {'buffered r/s':>12} {'r/s/core':>9} {'p50 ms':>7} {'p99 ms':>7}   "
+          f"{'streamed r/s':>12} {'r/s/core':>9} {'p50 ms':>7} {'p99 ms':>7}   {'TTFC p50':>9} {'added':>7}")
+    for name, r in results.items():
+        cells = []
+        for load in ("buffered", "streamed"):
+            w = r[load]
+            core = f"{w['per_core_s']:9.0f}" if w["per_core_s"] else f"{'-':>9}"
+            cells.append(f"{w['rps']:12.0f} {core} {w['p50_ms']:7.2f} {w['p99_ms']:7.2f}")
+        first = r["ttfc"]["p50_ms"]
+        print(f"{name:10} {cells[0]}   {cells[1]}   {first:8.3f}m {first - direct:+6.3f}m")
+    for name, why in skipped.items():
+        print(f"{name:10} skipped: {why}")
+    print(json.dumps({"llm": results, "skipped": skipped}))
+
+
+if __name__ == "__main__":
+    main()
