@@ -6,6 +6,7 @@ forwarding code raises one and a single place turns it into the JSON reply.
 from __future__ import annotations
 
 import json
+from typing import Sequence
 
 
 class ProxyError(Exception):
@@ -13,7 +14,7 @@ class ProxyError(Exception):
 
     status: int = 500
     type: str = "proxy_error"
-    headers: "list[tuple[str, str]]" = []  # sent with the reply (a 429's Retry-After)
+    headers: "Sequence[tuple[str, str]]" = ()  # sent with the reply (a 429's Retry-After)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

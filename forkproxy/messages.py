@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import unquote
 
 from urllib3 import HTTPHeaderDict
@@ -24,7 +24,7 @@ def _as_bytes(data: bytes | str) -> bytes:
 class Request:
     """The client's request as forkproxy received it."""
 
-    rate_limit_headers: "list[tuple[str, str]]" = []  # RateLimit-Policy/RateLimit for the reply, once limited
+    rate_limit_headers: "Sequence[tuple[str, str]]" = ()  # RateLimit-Policy/RateLimit for the reply, once limited
 
     def __init__(
         self,

@@ -325,8 +325,7 @@ class Proxy:
         if not keep_length:
             pairs.append(("Content-Length", str(len(res.body))))
         pairs.append((REQUEST_ID_HEADER, req.request_id))
-        if req.rate_limit_headers:
-            pairs += req.rate_limit_headers
+        pairs += req.rate_limit_headers
         return pairs
 
 

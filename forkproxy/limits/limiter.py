@@ -51,7 +51,7 @@ class Limiter:
         self.spec = spec.split("@")[-1]  # for log lines: no password
         self.fail_open = fail_open
         self._resting_until = 0.0
-        self._outage: tuple[float, str] | None = None  # (since, why) while the store is failing
+        self._outage_since: float | None = None  # while the store is failing
         self._uncounted = 0
         self._ids: dict[str, str] = {}  # key -> hashed id, for the keys seen lately
         self._intervals: dict[str, float] = {}  # hashed id -> emission interval, for charges
@@ -99,20 +99,20 @@ class Limiter:
         except Exception as exc:  # down, timed out, refused the script, locked: all the same to a request
             self._resting_until = time.monotonic() + _REST_AFTER_FAILURE
             return self._failed(exc, refuse)
-        if self._outage is not None:
-            since, _ = self._outage
+        since = self._outage_since
+        if since is not None:
             log.warning("limits store %s answers again after %.1f s; %d requests went %s meanwhile", self.spec,
                         time.monotonic() - since, self._uncounted, "uncounted" if self.fail_open else "refused")
-            self._outage, self._uncounted = None, 0
+            self._outage_since, self._uncounted = None, 0
         return result
 
     def _failed(self, exc: Exception | None, refuse: bool):
         counters = metrics()
         if counters.enabled and exc is not None:
             counters.limits_store_errors.inc()
-        if self._outage is None:
+        if self._outage_since is None:
             why = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
-            self._outage = (time.monotonic(), why)
+            self._outage_since = time.monotonic()
             log.error("limits store %s failed (%s); requests go %s until it answers", self.spec, why,
                       "through uncounted" if self.fail_open else "refused with 503")
         self._uncounted += 1

@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from scripts.benchkit.openai import API_KEY, BODY, STREAM_BODY
-from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, Target, cpu_ticks, free_port, pin,
+from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, Target, cpu_ticks, free_port,
                                   wait_port, wrk)
 from scripts.benchkit.tunnels import Upstream, client
 

@@ -19,9 +19,8 @@ import time  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
 import gevent  # noqa: E402
-from gevent.server import StreamServer  # noqa: E402
 
-from scripts.benchkit.sse import command_line, read_request_head  # noqa: E402
+from scripts.benchkit.sse import command_line, read_request_head, serve_with  # noqa: E402
 
 MODEL = "bench-model"
 API_KEY = "sk-" + "5be7c0de" * 8  # what clients send; LiteLLM refuses to start without a strong master key
@@ -84,7 +83,7 @@ def handle(conn: socket.socket, addr) -> None:
 
 
 def serve(port: int) -> None:
-    StreamServer(("127.0.0.1", port), handle, backlog=8192).serve_forever()
+    serve_with(handle, port)
 
 
 def _first_chunks(url: str, count: int, out: list) -> None:

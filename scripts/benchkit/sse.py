@@ -75,8 +75,12 @@ def handle(conn: socket.socket, addr) -> None:
 
 
 def serve(port: int) -> None:
-    server = StreamServer(("127.0.0.1", port), handle, backlog=8192)
-    server.serve_forever()
+    serve_with(handle, port)
+
+
+def serve_with(handler, port: int) -> None:
+    """Serve ``handler(conn, addr)`` on 127.0.0.1:``port`` until killed (the bench's upstreams)."""
+    StreamServer(("127.0.0.1", port), handler, backlog=8192).serve_forever()
 
 
 def _open(url: str, path: str, timeout: float = 60) -> socket.socket:

@@ -24,9 +24,8 @@ import time  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
 import gevent  # noqa: E402
-from gevent.server import StreamServer  # noqa: E402
 
-from scripts.benchkit.sse import command_line, hold_open, read_request_head  # noqa: E402
+from scripts.benchkit.sse import command_line, hold_open, read_request_head, serve_with  # noqa: E402
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PAYLOAD = b"bench-message-16"  # 16 bytes: the echo is 18
@@ -85,7 +84,7 @@ def handle(conn: socket.socket, addr) -> None:
 
 
 def serve(port: int) -> None:
-    StreamServer(("127.0.0.1", port), handle, backlog=8192).serve_forever()
+    serve_with(handle, port)
 
 
 # -- the client ------------------------------------------------------------------
