@@ -166,7 +166,7 @@ class Target(Process):
             app = {"forkproxy": "forkproxy.app", "empty": "scripts.benchkit.apps:empty",
                    "naive": "scripts.benchkit.apps:naive", "werkzeug": "scripts.benchkit.apps:werkzeug",
                    "forkproxy+hooks": "scripts.benchkit.apps:ws_messages",
-                   "forkproxy+limit": "scripts.benchkit.apps:limited"}[name]
+                   "forkproxy+limit": "scripts.benchkit.apps:limited", "census": "scripts.benchkit.census:app"}[name]
             self.spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", str(workers),
                         "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", "--access-logfile", "/dev/null",
                         "--backlog", "8192", "--log-level", "warning", app],
