@@ -26,7 +26,8 @@ def _werkzeug():
     def not_found(environ, start_response):
         start_response("404 Not Found", [("Content-Length", "0")])
         return [b""]
-    return ProxyMiddleware(not_found, {"b": {"target": UPSTREAM}})  # the bench's paths all start /b/
+    # the bench's paths start /b/, the LLM workloads' /v1/
+    return ProxyMiddleware(not_found, {"b": {"target": UPSTREAM}, "v1": {"target": UPSTREAM}})
 
 
 werkzeug = _werkzeug()

@@ -8,6 +8,7 @@ shared cores are noisy. Proxy CPU time per request is the steadiest figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -26,7 +27,8 @@ from scripts.benchkit.nginx import NginxProcess, stop_group
 ROOT = Path(__file__).resolve().parents[2]
 CLK = os.sysconf("SC_CLK_TCK")
 PROXY_CPU, LOAD_CPU = "0", "1"
-ALL_TARGETS = ["direct", "nginx", "empty", "forkproxy", "naive", "werkzeug", "proxypy"]
+ALL_TARGETS = ["direct", "nginx", "empty", "forkproxy", "naive", "werkzeug", "proxypy", "litellm"]
+LLM_ONLY = {"litellm"}  # an LLM gateway: measured on the chat-completion workloads only
 
 
 def free_port() -> int:
@@ -257,6 +259,39 @@ def held(module: str, target: Target, count: int, seconds: float) -> dict:
             "rss_mib": after / 1024}
 
 
+class LLMWorkloads:
+    """The chat-completion workloads (``scripts/benchkit/llm.py``) against one mock upstream, for any target."""
+
+    def __init__(self, tmp: Path, args) -> None:
+        from scripts.benchkit import llm
+
+        self.llm, self.args = llm, args
+        self.scripts = {"buffered": llm.lua(llm.BODY, tmp / "buffered.lua"),
+                        "streamed": llm.lua(llm.STREAM_BODY, tmp / "streamed.lua")}
+        self.mock = llm.Upstream("openai")
+        self.litellm: Path | None = None
+        self.skipped = ""
+
+    def run(self, name: str, rep: int) -> dict | None:
+        if name == "litellm":
+            if self.litellm is None and not self.skipped:
+                print("litellm: installing into .venv-litellm (once)", flush=True)
+                self.litellm, self.skipped = self.llm.ensure_litellm()
+            if self.litellm is None:
+                if rep == 0:
+                    print(f"litellm skipped: {self.skipped}", flush=True)
+                return None
+        print(f"[{rep + 1}/{self.args.repeat}] {name}: llm", flush=True)
+        target = self.llm.LiteLLM(self.litellm, self.mock.url) if name == "litellm" else Target(name, self.mock.url)
+        try:
+            return self.llm.workloads(target, self.scripts, self.args)
+        finally:
+            target.stop()
+
+    def stop(self) -> None:
+        self.mock.stop()
+
+
 # -- the run ------------------------------------------------------------------------
 
 
@@ -280,6 +315,17 @@ METRICS = [
     ("peak MiB", lambda r: r["http"]["peak_mib"]),
     ("errors", lambda r: sum(w["errors"] for w in (r["http"]["small"], r["http"]["big"], r["http"]["post"]))),
 ]
+LLM_METRICS = [
+    ("chat r/s", lambda r: r["llm"]["buffered"]["rps"]),
+    ("chat r/s/core", lambda r: r["llm"]["buffered"]["per_core_s"]),
+    ("chat p50 ms", lambda r: r["llm"]["buffered"]["p50_ms"]),
+    ("chat p99 ms", lambda r: r["llm"]["buffered"]["p99_ms"]),
+    ("stream r/s", lambda r: r["llm"]["streamed"]["rps"]),
+    ("stream r/s/core", lambda r: r["llm"]["streamed"]["per_core_s"]),
+    ("stream p50 ms", lambda r: r["llm"]["streamed"]["p50_ms"]),
+    ("stream p99 ms", lambda r: r["llm"]["streamed"]["p99_ms"]),
+    ("TTFC p50 ms", lambda r: r["llm"]["ttfc"]["p50_ms"]),
+]
 
 
 def _get(fn, run):
@@ -292,8 +338,16 @@ def _get(fn, run):
 def summarize(runs: dict[str, list[dict]]) -> dict:
     table = {}
     for target, reps in runs.items():
-        row = {name: median_spread([_get(fn, r) for r in reps]) for name, fn in METRICS}
+        row = {name: median_spread([_get(fn, r) for r in reps]) for name, fn in METRICS + LLM_METRICS}
         direct = runs.get("direct")
+        base = [v for v in (_get(LLM_METRICS[-1][1], r) for r in direct or []) if v is not None]
+        if base:
+            row["TTFC added ms"] = median_spread(
+                [v - statistics.median(base) if v is not None else None
+                 for v in (_get(LLM_METRICS[-1][1], r) for r in reps)])
+        two = [r["hold2"] for r in reps if "hold2" in r]
+        if two:
+            row["2 workers"] = two[0]
         for n in ("1", "500"):
             key = lambda r: _get(lambda x: x["sse"][f"sse_{n}"]["p50_ms"], r)  # noqa: E731
             base = [v for v in map(key, direct or []) if v is not None]
@@ -338,6 +392,61 @@ def print_table(table: dict) -> None:
     if empty and own:
         print(f"  forkproxy's own CPU per request (minus the empty app's): {own - empty:.0f} us "
               f"vs the empty app's {empty:.0f} us (ratio {(own - empty) / empty:.2f})")
+    print_llm_table(table)
+    print_goals(table)
+
+
+def print_llm_table(table: dict) -> None:
+    rows = {t: row for t, row in table.items() if row.get("chat r/s", {}).get("median") is not None}
+    if not rows:
+        return
+    cols = [name for name, _ in LLM_METRICS] + ["TTFC added ms"]
+    print("\nchat completions (buffered ~1 KiB; streamed 50 chunks; 50 connections; TTFC sequential):")
+    print("| target | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for target, row in rows.items():
+        print(f"| {target} | " + " | ".join(fmt(row[c]) if c in row else "-" for c in cols) + " |")
+
+
+def _median(table: dict, target: str, col: str) -> float | None:
+    return table.get(target, {}).get(col, {}).get("median")
+
+
+def print_goals(table: dict) -> None:
+    """The ratios issue #15 set, each beside its target."""
+    m = functools.partial(_median, table)
+    goals = []
+
+    def ratio(label: str, a: float | None, b: float | None, want: str, ok) -> None:
+        if a is not None and b:
+            value = a / b
+            goals.append(f"  {label}: {value:.2f} (target {want}) {'met' if ok(value) else 'NOT met'}")
+    ratio("64 KiB POST req/s, forkproxy / proxy.py", m("forkproxy", "64 KiB POST req/s"),
+          m("proxypy", "64 KiB POST req/s"), ">= 1.2", lambda v: v >= 1.2)
+    ratio("small GET req/s, forkproxy / naive", m("forkproxy", "small req/s"), m("naive", "small req/s"),
+          ">= 2", lambda v: v >= 2)
+    own, empty = m("forkproxy", "CPU us/req"), m("empty", "CPU us/req")
+    if own and empty:
+        ratio("own CPU per small GET / the empty app's", own - empty, empty, "<= 1.2", lambda v: v <= 1.2)
+    for col, want in (("SSE added p50 ms @500", 0.08), ("KiB/open stream", 16)):
+        v = m("forkproxy", col)
+        if v is not None:
+            goals.append(f"  {col}: {v:.2f} (target <= {want}) {'met' if v <= want else 'NOT met'}")
+    two = table.get("forkproxy", {}).get("2 workers")
+    if two:
+        failed = two["asked"] - two["streams"]
+        goals.append(f"  {two['asked']:,} streams on 2 workers: {two['streams']:,} open, {failed} failed, "
+                     f"{two['kib_per_stream'] or 0:.1f} KiB/stream (target: none failed) "
+                     f"{'met' if not failed else 'NOT met'}")
+    ratio("chat r/s per core, forkproxy / LiteLLM", m("forkproxy", "chat r/s/core"), m("litellm", "chat r/s/core"),
+          ">= 10", lambda v: v >= 10)
+    ratio("streamed r/s per core, forkproxy / LiteLLM", m("forkproxy", "stream r/s/core"),
+          m("litellm", "stream r/s/core"), ">= 10", lambda v: v >= 10)
+    ratio("TTFC added, forkproxy / LiteLLM", m("forkproxy", "TTFC added ms"), m("litellm", "TTFC added ms"),
+          "<= 0.1", lambda v: v <= 0.1)
+    if goals:
+        print("\nissue #15's targets (same run, medians):")
+        print("\n".join(goals))
 
 
 def main() -> None:
@@ -346,10 +455,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--hold", type=int, default=5000, help="idle SSE streams held per target (0 = skip)")
+    parser.add_argument("--hold2", type=int, default=10000, help="SSE streams held by forkproxy on 2 workers (0 = skip)")
     parser.add_argument("--hold-targets", default="nginx,forkproxy,naive",
                         help="targets that hold streams (werkzeug buffers whole streams; proxy.py --threaded "
                              "spends a thread on each)")
     parser.add_argument("--no-sse", action="store_true")
+    parser.add_argument("--no-llm", action="store_true", help="skip the chat-completion workloads")
+    parser.add_argument("--ttfc", type=int, default=200, help="sequential streamed completions timed to the first chunk")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     args = parser.parse_args()
     targets = [t for t in args.targets.split(",") if t]
@@ -370,17 +482,24 @@ def main() -> None:
     sse_up = Process()
     sse_up.spawn([sys.executable, "-m", "scripts.benchkit.sse", "serve", str(sse_port)], LOAD_CPU)
     wait_port(sse_port)
+    llm = LLMWorkloads(tmp, args) if not args.no_llm else None
     runs: dict[str, list[dict]] = {t: [] for t in targets}
     try:
         for rep in range(args.repeat):
             order = targets if rep % 2 == 0 else targets[::-1]
             for name in order:
+                if name in LLM_ONLY:
+                    if llm is not None and (got := llm.run(name, rep)) is not None:
+                        runs[name].append({"llm": got})
+                    continue
                 print(f"[{rep + 1}/{args.repeat}] {name}: http", flush=True)
                 target = Target(name, f"http://127.0.0.1:{up_port}")
                 try:
                     result = {"http": http_workloads(target, args.seconds, post)}
                 finally:
                     target.stop()
+                if llm is not None and name != "empty":
+                    result["llm"] = llm.run(name, rep)
                 if not args.no_sse and name != "empty":  # the empty app streams nothing
                     print(f"[{rep + 1}/{args.repeat}] {name}: sse", flush=True)
                     target = Target(name, f"http://127.0.0.1:{sse_port}")
@@ -390,10 +509,20 @@ def main() -> None:
                         target.stop()
                 runs[name].append(result)
                 (tmp / "partial.json").write_text(json.dumps(runs))
+        if not args.no_sse and args.hold2 and "forkproxy" in targets:
+            print(f"forkproxy, 2 workers: holding {args.hold2} streams", flush=True)
+            target = Target("forkproxy", f"http://127.0.0.1:{sse_port}", workers=2)
+            try:
+                runs["forkproxy"][0]["hold2"] = {**held("sse", target, args.hold2, 4), "asked": args.hold2}
+            finally:
+                target.stop()
     finally:
         upstream.stop()
         sse_up.stop()
+        if llm is not None:
+            llm.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    runs = {name: reps for name, reps in runs.items() if reps}
     table = summarize(runs)
     Path(args.out).mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
