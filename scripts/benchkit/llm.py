@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from scripts.benchkit.openai import API_KEY, BODY, STREAM_BODY
-from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, Target, cpu_ticks, free_port,
+from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, LLMWorkloads, Process, cpu_ticks, free_port,
                                   wait_port, wrk)
 from scripts.benchkit.tunnels import Upstream, client
 
@@ -126,28 +126,18 @@ def main() -> None:
     parser.add_argument("--ttfc", type=int, default=200, help="sequential streamed requests timed to the first chunk")
     parser.add_argument("--targets", default=",".join(TARGETS))
     args = parser.parse_args()
+    args.repeat = 1
     tmp = Path(tempfile.mkdtemp(prefix="bench-llm-"))
-    scripts = {"buffered": lua(BODY, tmp / "buffered.lua"), "streamed": lua(STREAM_BODY, tmp / "streamed.lua")}
-    mock = Upstream("openai")
-    results, skipped = {}, {}
+    llm = LLMWorkloads(tmp, args)  # the same workloads the default run gives every target
+    results = {}
     try:
         for name in args.targets.split(","):
-            if name == "litellm":
-                command, why = ensure_litellm()
-                if command is None:
-                    skipped[name] = why
-                    print(f"litellm skipped: {why}", flush=True)
-                    continue
-                target: Process = LiteLLM(command, mock.url)
-            else:
-                target = Target(name, mock.url)
-            try:
-                results[name] = workloads(target, scripts, args)
-            finally:
-                target.stop()
+            if (got := llm.run(name, 0)) is not None:
+                results[name] = got
     finally:
-        mock.stop()
+        llm.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    skipped = {"litellm": llm.skipped} if llm.skipped else {}
     report(results, skipped)
 
 

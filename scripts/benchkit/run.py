@@ -316,16 +316,10 @@ METRICS = [
     ("errors", lambda r: sum(w["errors"] for w in (r["http"]["small"], r["http"]["big"], r["http"]["post"]))),
 ]
 LLM_METRICS = [
-    ("chat r/s", lambda r: r["llm"]["buffered"]["rps"]),
-    ("chat r/s/core", lambda r: r["llm"]["buffered"]["per_core_s"]),
-    ("chat p50 ms", lambda r: r["llm"]["buffered"]["p50_ms"]),
-    ("chat p99 ms", lambda r: r["llm"]["buffered"]["p99_ms"]),
-    ("stream r/s", lambda r: r["llm"]["streamed"]["rps"]),
-    ("stream r/s/core", lambda r: r["llm"]["streamed"]["per_core_s"]),
-    ("stream p50 ms", lambda r: r["llm"]["streamed"]["p50_ms"]),
-    ("stream p99 ms", lambda r: r["llm"]["streamed"]["p99_ms"]),
-    ("TTFC p50 ms", lambda r: r["llm"]["ttfc"]["p50_ms"]),
-]
+    (f"{label} {name}", lambda r, w=workload, f=field: r["llm"][w][f])
+    for label, workload in (("chat", "buffered"), ("stream", "streamed"))
+    for name, field in (("r/s", "rps"), ("r/s/core", "per_core_s"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"))
+] + [("TTFC p50 ms", lambda r: r["llm"]["ttfc"]["p50_ms"])]
 
 
 def _get(fn, run):
@@ -339,21 +333,16 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     table = {}
     for target, reps in runs.items():
         row = {name: median_spread([_get(fn, r) for r in reps]) for name, fn in METRICS + LLM_METRICS}
-        direct = runs.get("direct")
-        base = [v for v in (_get(LLM_METRICS[-1][1], r) for r in direct or []) if v is not None]
-        if base:
-            row["TTFC added ms"] = median_spread(
-                [v - statistics.median(base) if v is not None else None
-                 for v in (_get(LLM_METRICS[-1][1], r) for r in reps)])
+        direct = runs.get("direct") or []
+        added = [(f"SSE added p50 ms @{n}", lambda x, n=n: x["sse"][f"sse_{n}"]["p50_ms"]) for n in ("1", "500")]
+        for name, fn in added + [("TTFC added ms", LLM_METRICS[-1][1])]:
+            base = [v for v in (_get(fn, r) for r in direct) if v is not None]
+            if base:
+                row[name] = median_spread([v - statistics.median(base) if v is not None else None
+                                           for v in (_get(fn, r) for r in reps)])
         two = [r["hold2"] for r in reps if "hold2" in r]
         if two:
             row["2 workers"] = two[0]
-        for n in ("1", "500"):
-            key = lambda r: _get(lambda x: x["sse"][f"sse_{n}"]["p50_ms"], r)  # noqa: E731
-            base = [v for v in map(key, direct or []) if v is not None]
-            if base:
-                row[f"SSE added p50 ms @{n}"] = median_spread(
-                    [v - statistics.median(base) if v is not None else None for v in map(key, reps)])
         table[target] = row
     return table
 
@@ -370,10 +359,7 @@ def fmt(cell: dict) -> str:
 def print_table(table: dict) -> None:
     cols = [name for name, _ in METRICS if name not in ("SSE p50 ms @1", "SSE p50 ms @500")]
     cols[6:6] = ["SSE added p50 ms @1", "SSE added p50 ms @500"]
-    print("| target | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
-    for target, row in table.items():
-        print(f"| {target} | " + " | ".join(fmt(row[c]) if c in row else "-" for c in cols) + " |")
+    print_rows(table, cols)
     fp = table.get("forkproxy")
     if not fp:
         return
@@ -402,9 +388,14 @@ def print_llm_table(table: dict) -> None:
         return
     cols = [name for name, _ in LLM_METRICS] + ["TTFC added ms"]
     print("\nchat completions (buffered ~1 KiB; streamed 50 chunks; 50 connections; TTFC sequential):")
+    print_rows(rows, cols)
+
+
+def print_rows(table: dict, cols: list[str]) -> None:
+    """``table`` as a Markdown table of ``cols``, one row per target."""
     print("| target | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
-    for target, row in rows.items():
+    for target, row in table.items():
         print(f"| {target} | " + " | ".join(fmt(row[c]) if c in row else "-" for c in cols) + " |")
 
 
