@@ -97,3 +97,23 @@ def test_a_transfer_coding_forkproxy_cannot_undo_or_an_unsolicited_101_is_502(ga
     with answering(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)) as server:
         reply = request(gateway.url, "GET", "/te-gzip", headers=via(server))
         assert reply.status == 502 and reply.error_type() == "bad_upstream_response"
+
+
+def test_a_write_the_kernel_takes_only_part_of_is_finished_in_order():
+    """The upstream write's one-``send`` shortcut: a full send buffer leaves a remainder, sent after it."""
+    from forkproxy.upstream.exchange import _write_all
+
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.settimeout(10)  # a timeout makes send() return what the buffer took, as the proxy's sockets do
+    data = bytes(range(256)) * 4096  # 1 MiB, far over the buffer
+    got = bytearray()
+    reader = threading.Thread(target=lambda: [got.extend(chunk) for chunk in iter(lambda: theirs.recv(65536), b"")])
+    reader.start()
+    try:
+        _write_all(ours, data)
+    finally:
+        ours.close()
+        reader.join(10)
+        theirs.close()
+    assert bytes(got) == data

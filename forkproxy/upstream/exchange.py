@@ -163,18 +163,30 @@ def _send(sock: socket.socket, head: bytes, body: bytes | None) -> bool:
     try:
         if body and len(body) < _JOIN_BODY_BELOW:
             body_unsent = False  # one write: no telling how much of it left
-            sock.sendall(head + body)
+            _write_all(sock, head + body)
         else:
-            sock.sendall(head)
+            _write_all(sock, head)
             body_unsent = False
             if body:
-                sock.sendall(body)
+                _write_all(sock, body)
     except BrokenPipeError:
         pass
     except OSError as exc:
         if exc.errno not in _SEND_ERRNOS_TO_READ_PAST:
             raise
     return body_unsent
+
+
+def _write_all(sock: socket.socket, data: bytes) -> None:
+    """``sock.sendall(data)``, one ``send`` when that takes it all (as it nearly always does).
+
+    gevent's ``sendall`` asks the kernel for the send buffer's size and
+    slices a memoryview on every call, even for a head that one ``send``
+    takes whole; its ``send`` waits (under the socket's timeout) like it.
+    """
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
 def _first_byte(fp: Any, body_unsent: bool) -> None:
