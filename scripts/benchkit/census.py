@@ -27,7 +27,7 @@ import tracemalloc
 import urllib.request
 from pathlib import Path
 
-from scripts.benchkit.run import LOAD_CPU, ROOT, Process, Target, free_port, mem_kib, pin, wait_port
+from scripts.benchkit.run import LOAD_CPU, Process, Target, free_port, mem_kib, start_holder, wait_port
 
 _FRAMES = 8
 
@@ -71,12 +71,10 @@ def _snapshot(target: Target, directory: Path, label: str) -> dict:
 
 
 def _hold(target: Target, count: int) -> subprocess.Popen:
-    cmd = pin(LOAD_CPU) + [sys.executable, "-m", "scripts.benchkit.sse", "hold", target.url, str(count), "600"]
-    holder = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = holder.stdout.readline().split()
-    if len(line) != 2 or int(line[1]) != count:
+    holder, opened = start_holder("sse", target, count, 600)
+    if opened != count:
         holder.kill()
-        raise RuntimeError(f"only {line} of {count} streams opened")
+        raise RuntimeError(f"only {opened} of {count} streams opened")
     return holder
 
 

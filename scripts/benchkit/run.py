@@ -244,14 +244,19 @@ def sse_workloads(target: Target, hold_streams: int, hold_targets: set[str]) -> 
     return out
 
 
-def held(module: str, target: Target, count: int, seconds: float) -> dict:
-    """The target's RSS growth per connection while ``count`` idle ones (``module``'s hold) are open."""
-    before = mem_kib(target.pids())
+def start_holder(module: str, target: Target, count: int, seconds: float) -> tuple[subprocess.Popen, int]:
+    """``module``'s hold client keeping ``count`` idle connections to ``target`` open; and how many opened."""
     cmd = pin(LOAD_CPU) + [sys.executable, "-m", f"scripts.benchkit.{module}", "hold", target.url,
                            str(count), str(seconds)]
     holder = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = holder.stdout.readline().split()
-    opened = int(line[1]) if len(line) == 2 else 0
+    return holder, int(line[1]) if len(line) == 2 else 0
+
+
+def held(module: str, target: Target, count: int, seconds: float) -> dict:
+    """The target's RSS growth per connection while ``count`` idle ones (``module``'s hold) are open."""
+    before = mem_kib(target.pids())
+    holder, opened = start_holder(module, target, count, seconds)
     time.sleep(1)
     after = mem_kib(target.pids())
     holder.wait(180)
@@ -408,10 +413,12 @@ def print_goals(table: dict) -> None:
     m = functools.partial(_median, table)
     goals = []
 
+    def goal(label: str, value: float, want: str, ok) -> None:
+        goals.append(f"  {label}: {value:.2f} (target {want}) {'met' if ok(value) else 'NOT met'}")
+
     def ratio(label: str, a: float | None, b: float | None, want: str, ok) -> None:
         if a is not None and b:
-            value = a / b
-            goals.append(f"  {label}: {value:.2f} (target {want}) {'met' if ok(value) else 'NOT met'}")
+            goal(label, a / b, want, ok)
     ratio("64 KiB POST req/s, forkproxy / proxy.py", m("forkproxy", "64 KiB POST req/s"),
           m("proxypy", "64 KiB POST req/s"), ">= 1.2", lambda v: v >= 1.2)
     ratio("small GET req/s, forkproxy / naive", m("forkproxy", "small req/s"), m("naive", "small req/s"),
@@ -422,7 +429,7 @@ def print_goals(table: dict) -> None:
     for col, want in (("SSE added p50 ms @500", 0.08), ("KiB/open stream", 16)):
         v = m("forkproxy", col)
         if v is not None:
-            goals.append(f"  {col}: {v:.2f} (target <= {want}) {'met' if v <= want else 'NOT met'}")
+            goal(col, v, f"<= {want}", lambda v, want=want: v <= want)
     two = table.get("forkproxy", {}).get("2 workers")
     if two:
         failed = two["asked"] - two["streams"]
