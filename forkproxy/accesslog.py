@@ -12,6 +12,7 @@ Loaded by the gunicorn master, so it imports nothing of gevent or urllib3.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,31 +29,78 @@ def _status(resp: Any) -> Any:
     return status.split(None, 1)[0] if isinstance(status, str) else status
 
 
-def _sent(resp: Any) -> Any:
-    return getattr(resp, "sent", None)
+def _size(atoms: "Atoms") -> Any:
+    sent = getattr(atoms.resp, "sent", None)
+    return "-" if sent is None else str(sent)
 
 
-_ATOMS: dict[str, Callable[[Any, Any, dict, Any], Any]] = {
-    "h": lambda resp, req, env, t: env.get("REMOTE_ADDR", "-"),
-    "l": lambda resp, req, env, t: "-",
-    "t": lambda resp, req, env, t: time.strftime("[%d/%b/%Y:%H:%M:%S %z]"),
-    "r": lambda resp, req, env, t: f"{env['REQUEST_METHOD']} {env['RAW_URI']} {env['SERVER_PROTOCOL']}",
-    "s": lambda resp, req, env, t: _status(resp),
-    "m": lambda resp, req, env, t: env.get("REQUEST_METHOD"),
-    "U": lambda resp, req, env, t: env.get("PATH_INFO"),
-    "q": lambda resp, req, env, t: env.get("QUERY_STRING"),
-    "H": lambda resp, req, env, t: env.get("SERVER_PROTOCOL"),
-    "b": lambda resp, req, env, t: str(_sent(resp)) if _sent(resp) is not None else "-",
-    "B": lambda resp, req, env, t: _sent(resp),
-    "f": lambda resp, req, env, t: env.get("HTTP_REFERER", "-"),
-    "a": lambda resp, req, env, t: env.get("HTTP_USER_AGENT", "-"),
-    "T": lambda resp, req, env, t: t.seconds,
-    "D": lambda resp, req, env, t: t.seconds * 1000000 + t.microseconds,
-    "M": lambda resp, req, env, t: t.seconds * 1000 + int(t.microseconds / 1000),
-    "L": lambda resp, req, env, t: "%d.%06d" % (t.seconds, t.microseconds),
-    "p": lambda resp, req, env, t: f"<{os.getpid()}>",
-}
+def _micros(took: Any) -> int:
+    return took.seconds * 1000000 + took.microseconds
+
+
 _MISSING = object()
+_ATOMS: dict[str, Callable[["Atoms"], Any]] = {
+    "h": lambda a: a.env.get("REMOTE_ADDR", "-"),
+    "l": lambda a: "-",
+    "u": lambda a: a.logger._get_user(a.env) or "-",  # the basic-auth user
+    "t": lambda a: time.strftime("[%d/%b/%Y:%H:%M:%S %z]"),
+    "r": lambda a: f"{a.env['REQUEST_METHOD']} {a.env['RAW_URI']} {a.env['SERVER_PROTOCOL']}",
+    "s": lambda a: _status(a.resp),
+    "m": lambda a: a.env.get("REQUEST_METHOD"),
+    "U": lambda a: a.env.get("PATH_INFO"),
+    "q": lambda a: a.env.get("QUERY_STRING"),
+    "H": lambda a: a.env.get("SERVER_PROTOCOL"),
+    "b": _size,
+    "B": lambda a: getattr(a.resp, "sent", None),
+    "f": lambda a: a.env.get("HTTP_REFERER", "-"),
+    "a": lambda a: a.env.get("HTTP_USER_AGENT", "-"),
+    "T": lambda a: a.took.seconds,
+    "D": lambda a: _micros(a.took),
+    "M": lambda a: _micros(a.took) // 1000,
+    "L": lambda a: "%d.%06d" % (a.took.seconds, a.took.microseconds),
+    "p": lambda a: f"<{os.getpid()}>",
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _getter(key: str) -> Callable[["Atoms"], Any]:
+    """How the atom ``key`` is found, worked out once per key: a format names the same few on every line."""
+    if not key.startswith("{"):
+        return _ATOMS.get(key, lambda a: _MISSING)
+    key = key.lower()
+    name, kind = key[1:-2], key[-2:]
+    if kind == "}e":
+        if name.startswith("forkproxy."):  # forkproxy's own keys, lowercase as PEP 3333 has them: a miss is final
+            return lambda a: a.env.get(name, _MISSING)
+        return lambda a: a.environ_any_case(name)
+    if kind == "}i":
+        return lambda a: _last(getattr(a.req, "headers", a.req), name)
+    if kind == "}o":
+        return lambda a: _last(a.resp.headers, name)
+    return lambda a: _MISSING
+
+
+class _Recorder(dict):
+    def __missing__(self, key: str) -> int:
+        self[key] = 0  # formats as any conversion would want it
+        return 0
+
+
+@functools.lru_cache(maxsize=16)
+def _getters_of(fmt: str) -> tuple[tuple[str, Callable[["Atoms"], Any]], ...] | None:
+    """Each atom ``fmt`` names with its getter, found by formatting it once; None if it cannot be."""
+    named = _Recorder()
+    try:
+        fmt % named
+    except (TypeError, ValueError, KeyError):
+        return None  # not a format of named atoms alone: gunicorn's own way, and its error, then
+    return tuple((key, _getter(key)) for key in named)
+
+
+def _escaped(found: Any) -> Any:
+    if found is _MISSING:
+        return "-"
+    return found.replace('"', '\\"') if isinstance(found, str) else found
 
 
 def _last(pairs: Any, name: str) -> Any:
@@ -67,53 +115,34 @@ def _last(pairs: Any, name: str) -> Any:
 class Atoms(Mapping):
     """gunicorn's access-log atoms for one request, computed on demand."""
 
-    __slots__ = ("_logger", "_args", "_lower_environ")
+    __slots__ = ("logger", "resp", "req", "env", "took", "_lower_environ")
 
     def __init__(self, logger: Logger, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
-        self._logger = logger
-        self._args = (resp, req, environ, request_time)
+        self.logger, self.resp, self.req, self.env, self.took = logger, resp, req, environ, request_time
         self._lower_environ: dict | None = None
 
     def value(self, key: str) -> Any:
         """The atom unescaped, or None when there is none (as a JSON line wants it)."""
-        found = self._lookup(key)
+        found = _getter(key)(self)
         return None if found is _MISSING else found
 
     def __getitem__(self, key: str) -> Any:
-        found = self._lookup(key)
-        if found is _MISSING:
-            return "-"
-        return found.replace('"', '\\"') if isinstance(found, str) else found
+        return _escaped(_getter(key)(self))
 
-    def _lookup(self, key: str) -> Any:
-        resp, req, environ, request_time = self._args
-        if key == "u":  # the basic-auth user
-            return self._logger._get_user(environ) or "-"
-        if not key.startswith("{"):
-            atom = _ATOMS.get(key)
-            return _MISSING if atom is None else atom(resp, req, environ, request_time)
-        key = key.lower()
-        name, kind = key[1:-2], key[-2:]
-        if kind == "}e":
-            found = environ.get(name, _MISSING)
-            return self._environ_any_case(name) if found is _MISSING else found
-        if kind == "}i":
-            return _last(getattr(req, "headers", req), name)
-        if kind == "}o":
-            return _last(resp.headers, name)
-        return _MISSING
-
-    def _environ_any_case(self, name: str) -> Any:
+    def environ_any_case(self, name: str) -> Any:
         """gunicorn lowercases every environ key: one walk serves all of a line's misses."""
+        found = self.env.get(name, _MISSING)
+        if found is not _MISSING:
+            return found
         if self._lower_environ is None:
-            self._lower_environ = {key.lower(): value for key, value in self._args[2].items()}
+            self._lower_environ = {key.lower(): value for key, value in self.env.items()}
         return self._lower_environ.get(name, _MISSING)
 
     def __iter__(self) -> Iterator[str]:
-        return iter((*_ATOMS, "u"))
+        return iter(_ATOMS)
 
     def __len__(self) -> int:
-        return len(_ATOMS) + 1
+        return len(_ATOMS)
 
 
 class AccessLogger(Logger):
@@ -155,7 +184,11 @@ class AccessLogger(Logger):
         return self._streams
 
     def line(self, atoms: Atoms) -> str:
-        return self.cfg.access_log_format % atoms
+        fmt = self.cfg.access_log_format
+        getters = _getters_of(fmt)
+        if getters is None:
+            return fmt % atoms
+        return fmt % {key: _escaped(get(atoms)) for key, get in getters}
 
 
 def _write(handlers: list[logging.StreamHandler], text: str) -> None:

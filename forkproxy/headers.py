@@ -172,22 +172,30 @@ def upstream_request_headers(
 
     ``Host`` and ``Content-Length`` are left out: the transport derives them
     from the upstream URL and the final body, so a hook cannot make them
-    disagree with what is really sent.
+    disagree with what is really sent. The client's lines keep their order;
+    those forkproxy sets itself come after them. Built in one pass: this
+    runs on every request.
     """
     skip = _not_forwarded(headers) | _SET_TOWARDS_UPSTREAM
-    out = header_dict(
-        (values[0], value) for lname, values in fields(headers) if lname not in skip for value in values[1:])
+    grouped = dict(fields(headers))
+    ours = []
+    replaced = set()
     if client_addr:
-        chain = _pop(out, "x-forwarded-for")
-        out["X-Forwarded-For"] = f"{chain}, {client_addr}" if chain else client_addr
+        chain = grouped.get("x-forwarded-for") if "x-forwarded-for" not in skip else None
+        ours.append(("X-Forwarded-For", f"{', '.join(chain[1:])}, {client_addr}" if chain else client_addr))
+        replaced.add("x-forwarded-for")
     if not peer_trusted:
-        _pop(out, "forwarded")  # RFC 7239's for/proto/host: only a trusted proxy may vouch for them
-    for name, own_view in (("X-Forwarded-Proto", proto), ("X-Forwarded-Host", host), ("X-Real-IP", client_addr)):
-        if not (peer_trusted and name in out):
-            _pop(out, name)
+        replaced.add("forwarded")  # RFC 7239's for/proto/host: only a trusted proxy may vouch for them
+    for name, lname, own_view in (("X-Forwarded-Proto", "x-forwarded-proto", proto),
+                                  ("X-Forwarded-Host", "x-forwarded-host", host),
+                                  ("X-Real-IP", "x-real-ip", client_addr)):
+        if not (peer_trusted and lname in grouped and lname not in skip):
+            replaced.add(lname)
             if own_view:
-                out[name] = own_view
-    return out
+                ours.append((name, own_view))
+    skip |= replaced
+    pairs = [(values[0], value) for lname, values in grouped.items() if lname not in skip for value in values[1:]]
+    return header_dict(pairs + ours)
 
 
 def drop_framing_set_by_hooks(headers: HTTPHeaderDict) -> None:

@@ -36,7 +36,7 @@ from ..wire import RequestHead, body_framing, host_header, read_head
 from .reply import READ_BUFFER, UpstreamReply
 
 _os_poll = get_original("select", "poll")
-_JOIN_BODY_BELOW = 16 * 1024  # smaller bodies go out in the same write as the head
+_JOIN_BODY_BELOW = 128 * 1024  # smaller bodies go out in the same write as the head
 _SEND_ERRNOS_TO_READ_PAST = (errno.EPROTOTYPE, errno.ECONNRESET)
 _WOULD_BLOCK = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
 
