@@ -1,6 +1,10 @@
 """The WSGI targets the benchmark runs beside forkproxy, under the same gunicorn config.
 
 - ``empty``: answers 100 bytes without any upstream: the ceiling of gunicorn + gevent.
+- ``pool_floor``: forkproxy's urllib3 pool exchange and nothing else (no header rules, request IDs,
+  hooks or reply headers but the length), and an event stream relayed read by read: the floor of the
+  design, gunicorn + gevent + urllib3's pool. On /b/hold it is an event stream of its own that sends
+  one event and waits for ever, no upstream: what the server alone keeps per open stream.
 - ``werkzeug``: werkzeug's ProxyMiddleware, a Python peer.
 - ``naive``: a minimal urllib3 proxy, what one writes in an afternoon.
 - ``ws_messages``: forkproxy with a pass-through message hook (tunnels parsed by wsproto).
@@ -18,6 +22,54 @@ def empty(environ, start_response):
     environ["wsgi.input"].read()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
     return [_BODY]
+
+
+def _pool_floor():
+    from urllib.parse import urlsplit
+
+    from forkproxy.upstream.exchange import ProxyPool
+    from forkproxy.wire import RequestHead
+
+    where = urlsplit(UPSTREAM)
+    pool = ProxyPool(where.hostname, where.port, maxsize=256, block=False)
+    retries, timeout = urllib3.Retry(0, read=False, redirect=False), urllib3.Timeout(connect=5, read=30)
+
+    def app(environ, start_response):
+        method, target = environ["REQUEST_METHOD"], environ["RAW_URI"]
+        if target == "/b/hold":
+            start_response("200 OK", [("Content-Type", "text/event-stream")])
+            return _idle_stream()
+        body = environ["wsgi.input"].read() or None
+        framing = urllib3.HTTPHeaderDict({"Content-Length": str(len(body))} if body else {})
+        reply = pool.urlopen(method, target, body=body, headers=RequestHead(method, target, pool.host_header, framing),
+                             retries=retries, redirect=False, assert_same_host=False, timeout=timeout,
+                             release_conn=False)
+        if reply.headers.get("content-type", "").startswith("text/event-stream"):
+            start_response(f"{reply.status} OK", [("Content-Type", "text/event-stream")])
+            return _relayed(reply)
+        data = reply.read_sized()
+        reply.release()
+        start_response(f"{reply.status} OK", [("Content-Length", str(len(data)))])
+        return [data]
+    return app
+
+
+def _relayed(reply):
+    """The upstream's body as its reads give it, dechunked: no framing, hooks or checks."""
+    next_pieces = reply.pieces(waiting=True)
+    while (pieces := next_pieces()) is not None:
+        yield from pieces
+    reply.release()
+
+
+def _idle_stream():
+    import gevent.event
+
+    yield b"data: open\n\n"
+    gevent.event.Event().wait()
+
+
+pool_floor = _pool_floor()
 
 
 def _werkzeug():

@@ -27,8 +27,9 @@ from scripts.benchkit.nginx import NginxProcess, stop_group
 ROOT = Path(__file__).resolve().parents[2]
 CLK = os.sysconf("SC_CLK_TCK")
 PROXY_CPU, LOAD_CPU = "0", "1"
-ALL_TARGETS = ["direct", "nginx", "empty", "forkproxy", "naive", "werkzeug", "proxypy", "litellm"]
+ALL_TARGETS = ["direct", "nginx", "empty", "floor", "forkproxy", "naive", "werkzeug", "proxypy", "litellm"]
 LLM_ONLY = {"litellm"}  # an LLM gateway: measured on the chat-completion workloads only
+NO_LLM = {"empty", "floor"}  # the ceilings of the server and of the design
 
 
 def free_port() -> int:
@@ -166,6 +167,7 @@ class Target(Process):
                        PROXY_CPU, {"BENCH_UPSTREAM": upstream, "PYTHONPATH": str(ROOT)})
         else:
             app = {"forkproxy": "forkproxy.app", "empty": "scripts.benchkit.apps:empty",
+                   "floor": "scripts.benchkit.apps:pool_floor",
                    "naive": "scripts.benchkit.apps:naive", "werkzeug": "scripts.benchkit.apps:werkzeug",
                    "forkproxy+hooks": "scripts.benchkit.apps:ws_messages",
                    "forkproxy+limit": "scripts.benchkit.apps:limited", "census": "scripts.benchkit.census:app"}[name]
@@ -383,6 +385,10 @@ def print_table(table: dict) -> None:
     if empty and own:
         print(f"  forkproxy's own CPU per request (minus the empty app's): {own - empty:.0f} us "
               f"vs the empty app's {empty:.0f} us (ratio {(own - empty) / empty:.2f})")
+    floor = table.get("floor", {}).get("CPU us/req", {}).get("median")
+    if floor and own:
+        print(f"  the design's floor (gunicorn + the urllib3 pool exchange alone): {floor:.0f} us per small GET; "
+              f"forkproxy's rules, IDs and hooks add {own - floor:.0f} us to it")
     print_llm_table(table)
     print_goals(table)
 
@@ -419,13 +425,15 @@ def print_goals(table: dict) -> None:
     def ratio(label: str, a: float | None, b: float | None, want: str, ok) -> None:
         if a is not None and b:
             goal(label, a / b, want, ok)
-    ratio("64 KiB POST req/s, forkproxy / proxy.py", m("forkproxy", "64 KiB POST req/s"),
-          m("proxypy", "64 KiB POST req/s"), ">= 1.2", lambda v: v >= 1.2)
-    ratio("small GET req/s, forkproxy / naive", m("forkproxy", "small req/s"), m("naive", "small req/s"),
-          ">= 2", lambda v: v >= 2)
-    own, empty = m("forkproxy", "CPU us/req"), m("empty", "CPU us/req")
-    if own and empty:
-        ratio("own CPU per small GET / the empty app's", own - empty, empty, "<= 1.2", lambda v: v <= 1.2)
+    for who in ("forkproxy", "floor"):  # the floor: how far the design itself goes
+        ratio(f"64 KiB POST req/s, {who} / proxy.py", m(who, "64 KiB POST req/s"),
+              m("proxypy", "64 KiB POST req/s"), ">= 1.2", lambda v: v >= 1.2)
+        ratio(f"small GET req/s, {who} / naive", m(who, "small req/s"), m("naive", "small req/s"),
+              ">= 2", lambda v: v >= 2)
+        own, empty = m(who, "CPU us/req"), m("empty", "CPU us/req")
+        if own and empty:
+            ratio(f"own CPU per small GET / the empty app's, {who}", own - empty, empty, "<= 1.2",
+                  lambda v: v <= 1.2)
     for col, want in (("SSE added p50 ms @500", 0.08), ("KiB/open stream", 16)):
         v = m("forkproxy", col)
         if v is not None:
@@ -454,7 +462,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--hold", type=int, default=5000, help="idle SSE streams held per target (0 = skip)")
     parser.add_argument("--hold2", type=int, default=10000, help="SSE streams held by forkproxy on 2 workers (0 = skip)")
-    parser.add_argument("--hold-targets", default="nginx,forkproxy,naive",
+    parser.add_argument("--hold-targets", default="nginx,floor,forkproxy,naive",
                         help="targets that hold streams (werkzeug buffers whole streams; proxy.py --threaded "
                              "spends a thread on each)")
     parser.add_argument("--no-sse", action="store_true")
@@ -496,7 +504,7 @@ def main() -> None:
                     result = {"http": http_workloads(target, args.seconds, post)}
                 finally:
                     target.stop()
-                if llm is not None and name != "empty":
+                if llm is not None and name not in NO_LLM:
                     result["llm"] = llm.run(name, rep)
                 if not args.no_sse and name != "empty":  # the empty app streams nothing
                     print(f"[{rep + 1}/{args.repeat}] {name}: sse", flush=True)
