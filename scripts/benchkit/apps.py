@@ -3,7 +3,7 @@
 - ``empty``: answers 100 bytes without any upstream: the ceiling of gunicorn + gevent.
 - ``pool_floor``: forkproxy's urllib3 pool exchange and nothing else (no header rules, request IDs,
   hooks or reply headers but the length), and an event stream relayed read by read: the floor of the
-  design, gunicorn + gevent + urllib3's pool. On /b/hold it is an event stream of its own that sends
+  design, gunicorn + gevent + urllib3's pool. On /b/idle it is an event stream of its own that sends
   one event and waits for ever, no upstream: what the server alone keeps per open stream.
 - ``werkzeug``: werkzeug's ProxyMiddleware, a Python peer.
 - ``naive``: a minimal urllib3 proxy, what one writes in an afternoon.
@@ -36,7 +36,7 @@ def _pool_floor():
 
     def app(environ, start_response):
         method, target = environ["REQUEST_METHOD"], environ["RAW_URI"]
-        if target == "/b/hold":
+        if target == "/b/idle":
             start_response("200 OK", [("Content-Type", "text/event-stream")])
             return _idle_stream()
         body = environ["wsgi.input"].read() or None

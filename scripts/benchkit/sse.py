@@ -3,6 +3,7 @@
     python -m scripts.benchkit.sse serve PORT
     python -m scripts.benchkit.sse latency URL STREAMS EVENTS INTERVAL_MS   -> JSON on stdout
     python -m scripts.benchkit.sse hold URL STREAMS SECONDS                 -> "READY n" when all are open
+                                                   (URL's path, or /b/hold)
 
 Each event the upstream sends carries its send time; the client subtracts it
 from its receive time, so the same figure measured direct and through a proxy
@@ -135,7 +136,7 @@ def latency(url: str, streams: int, events: int, interval: float) -> dict:
 
 
 def _first_event(url: str) -> socket.socket:
-    sock = _open(url, "/b/hold", timeout=120)
+    sock = _open(url, urlsplit(url).path or "/b/hold", timeout=120)
     data = b""
     while b"data: " not in data:
         part = sock.recv(65536)
