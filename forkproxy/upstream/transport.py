@@ -143,8 +143,6 @@ def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
     return headers
 
 
-
-
 def _why(error: BaseException | None) -> str:
     """The reason an attempt failed, for the log line of a member marked down."""
     reason = getattr(error, "reason", None) or error

@@ -20,7 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from scripts.benchkit.run import CLK, Target, cpu_ticks, free_port, static_upstream, wrk
+from scripts.benchkit.run import Target, cpu_per_request, free_port, static_upstream, wrk
 
 
 def upstreams(count: int) -> tuple[list, list[str], list[Path]]:
@@ -40,11 +40,7 @@ def cpu_per_small_get(upstream: str, secs: float) -> float:
 def cpu_per_small_get_of(target: Target, secs: float) -> float:
     """The target's CPU per small GET under 50 connections for ``secs`` (the target is stopped after)."""
     try:
-        pids = target.pids()
-        wrk(target.url + "/b/small", 50, 1)  # warm the pools
-        before = cpu_ticks(pids)
-        result = wrk(target.url + "/b/small", 50, secs)
-        return (cpu_ticks(pids) - before) / CLK * 1e6 / result["requests"]
+        return cpu_per_request(target, "/b/small", secs)
     finally:
         target.stop()
 

@@ -170,7 +170,8 @@ class Target(Process):
                    "floor": "scripts.benchkit.apps:pool_floor",
                    "naive": "scripts.benchkit.apps:naive", "werkzeug": "scripts.benchkit.apps:werkzeug",
                    "forkproxy+hooks": "scripts.benchkit.apps:ws_messages",
-                   "forkproxy+limit": "scripts.benchkit.apps:limited", "census": "scripts.benchkit.census:app"}[name]
+                   "forkproxy+limit": "scripts.benchkit.apps:limited", "census": "scripts.benchkit.census:app",
+                   "forkproxy+ablated": "scripts.benchkit.ablate:app"}[name]
             self.spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", str(workers),
                         "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", "--access-logfile", "/dev/null",
                         "--backlog", "8192", "--log-level", "warning", app],
@@ -214,6 +215,15 @@ def wrk(url: str, conns: int, secs: float, script: Path | None = None) -> dict:
     for m in re.finditer(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout)[: ]+(\d+)", out):
         result["errors"] += int(m.group(1))
     return result
+
+
+def cpu_per_request(target: Target, path: str, secs: float, script: Path | None = None) -> float:
+    """The target's CPU per request to ``path`` under 50 connections for ``secs``, after a 1 s warm-up."""
+    pids = target.pids()
+    wrk(target.url + path, 50, 1, script)  # warm the pools
+    before = cpu_ticks(pids)
+    result = wrk(target.url + path, 50, secs, script)
+    return (cpu_ticks(pids) - before) / CLK * 1e6 / result["requests"]
 
 
 def http_workloads(target: Target, secs: float, post_script: Path) -> dict:
