@@ -12,7 +12,7 @@ from forkproxy.accesslog import AccessLogger, Atoms, JsonAccessLogger
 
 EVERY_ATOM = ('%(h)s %(l)s %(u)s "%(r)s" %(s)s %(m)s %(U)s %(q)s %(H)s %(b)s %(B)s "%(f)s" "%(a)s" %(T)s %(D)s '
               '%(M)s %(L)s %(p)s %({x-api-key}i)s %({X-Trace}o)s %({forkproxy.request_id}e)s %({HTTP_HOST}e)s '
-              '%({absent}i)s %({absent}o)s %({absent}e)s %(nonsense)s')
+              '%({absent}i)s %({absent}o)s %({absent}e)s %({forkproxy.bytes_in}e)s %(nonsense)s')
 
 
 def _request(**environ):
