@@ -20,15 +20,13 @@ of the gap between forkproxy and the floor such work could ever recover.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from scripts.benchkit.run import Target, cpu_per_request, free_port, static_upstream
+from scripts.benchkit.run import Target, alternating_args, cpu_per_request, free_port, static_upstream
 
 OFF = "BENCH_ABLATE"  # set (to anything) in the worker: the work above is switched off
 
@@ -49,12 +47,7 @@ app = _ablated() if "BENCH_UPSTREAM" in os.environ else None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=4)
-    args = parser.parse_args()
-    if not shutil.which("nginx") or not shutil.which("wrk"):
-        sys.exit("needs nginx and wrk (Debian packages nginx, wrk)")
+    args = alternating_args(__doc__, 4)
     html = Path(tempfile.mkdtemp(prefix="ablate-"))
     post = html / "post.lua"
     post.write_text('wrk.method = "POST"\nwrk.body = string.rep("p", 65536)\n')

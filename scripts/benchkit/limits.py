@@ -12,20 +12,18 @@ upstream and redis-server on CPU 1), small GETs with 50 connections:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from forkproxy.limits.local import default_path
 from scripts.benchkit.pools import cpu_per_small_get_of
-from scripts.benchkit.run import LOAD_CPU, Target, free_port, pin, static_upstream, wrk
+from scripts.benchkit.run import LOAD_CPU, Target, alternating_args, free_port, pin, static_upstream, wrk
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:
@@ -59,13 +57,7 @@ def script_round_trip_us(url: str, count: int = 2000) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5)
-    args = parser.parse_args()
-    for tool in ("nginx", "wrk", "redis-server"):
-        if not shutil.which(tool):
-            sys.exit(f"needs {tool} (Debian packages nginx, wrk, redis-server)")
+    args = alternating_args(__doc__, 5, ("nginx", "wrk", "redis-server"))
     html = Path(tempfile.mkdtemp(prefix="limits-"))
     port = free_port()
     upstream, url = static_upstream(port, html), f"http://127.0.0.1:{port}"

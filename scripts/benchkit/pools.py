@@ -12,15 +12,13 @@ wrk and three static nginx upstreams on CPU 1):
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from scripts.benchkit.run import Target, cpu_per_request, free_port, static_upstream, wrk
+from scripts.benchkit.run import Target, alternating_args, cpu_per_request, free_port, static_upstream, wrk
 
 
 def upstreams(count: int) -> tuple[list, list[str], list[Path]]:
@@ -59,12 +57,7 @@ def killed_member(urls: list[str], secs: float, victim) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5)
-    args = parser.parse_args()
-    if not shutil.which("nginx") or not shutil.which("wrk"):
-        sys.exit("needs nginx and wrk (Debian packages nginx, wrk)")
+    args = alternating_args(__doc__, 5)
     started, urls, dirs = upstreams(3)
     try:
         single, pooled = [], []

@@ -217,6 +217,18 @@ def wrk(url: str, conns: int, secs: float, script: Path | None = None) -> dict:
     return result
 
 
+def alternating_args(doc: str, seconds: float, tools: tuple[str, ...] = ("nginx", "wrk")) -> argparse.Namespace:
+    """``--repeat`` and ``--seconds`` of a bench that alternates variants; exits when a tool it runs is missing."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=seconds)
+    args = parser.parse_args()
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    if missing:
+        sys.exit(f"needs {', '.join(missing)} (Debian packages {', '.join(missing)})")
+    return args
+
+
 def cpu_per_request(target: Target, path: str, secs: float, script: Path | None = None) -> float:
     """The target's CPU per request to ``path`` under 50 connections for ``secs``, after a 1 s warm-up."""
     pids = target.pids()
