@@ -66,7 +66,7 @@ _ATOMS: dict[str, Callable[["Atoms"], Any]] = {
 def _getter(key: str) -> Callable[["Atoms"], Any]:
     """How the atom ``key`` is found, worked out once per key: a format names the same few on every line."""
     if not key.startswith("{"):
-        return _ATOMS.get(key, lambda a: _MISSING)
+        return _ATOMS.get(key, _missing)
     key = key.lower()
     name, kind = key[1:-2], key[-2:]
     if kind == "}e":
@@ -77,7 +77,11 @@ def _getter(key: str) -> Callable[["Atoms"], Any]:
         return lambda a: _last(getattr(a.req, "headers", a.req), name)
     if kind == "}o":
         return lambda a: _last(a.resp.headers, name)
-    return lambda a: _MISSING
+    return _missing
+
+
+def _missing(atoms: "Atoms") -> Any:
+    return _MISSING
 
 
 class _Recorder(dict):

@@ -177,7 +177,7 @@ def upstream_request_headers(
     runs on every request.
     """
     skip = _not_forwarded(headers) | _SET_TOWARDS_UPSTREAM
-    grouped = dict(fields(headers))
+    grouped = _store(headers) or dict(fields(headers))  # only read here
     ours = []
     replaced = set()
     if client_addr:

@@ -26,7 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from scripts.benchkit.run import Target, alternating_args, cpu_per_request, free_port, static_upstream
+from scripts.benchkit.run import Target, alternating_args, cpu_per_request, free_port, post_script, static_upstream
 
 OFF = "BENCH_ABLATE"  # set (to anything) in the worker: the work above is switched off
 
@@ -49,8 +49,7 @@ app = _ablated() if "BENCH_UPSTREAM" in os.environ else None
 def main() -> None:
     args = alternating_args(__doc__, 4)
     html = Path(tempfile.mkdtemp(prefix="ablate-"))
-    post = html / "post.lua"
-    post.write_text('wrk.method = "POST"\nwrk.body = string.rep("p", 65536)\n')
+    post = post_script(html)
     port = free_port()
     upstream, url = static_upstream(port, html), f"http://127.0.0.1:{port}"
     variants = {"forkproxy": ("forkproxy+ablated", {}), "forkproxy, that work off": ("forkproxy+ablated", {OFF: "1"}),

@@ -229,6 +229,14 @@ def alternating_args(doc: str, seconds: float, tools: tuple[str, ...] = ("nginx"
     return args
 
 
+def post_script(directory: Path) -> Path:
+    """A wrk script that makes every request a 64 KiB POST."""
+    path = directory / "post.lua"
+    path.write_text('wrk.method = "POST"\nwrk.body = string.rep("p", 65536)\n'
+                    'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+    return path
+
+
 def cpu_per_request(target: Target, path: str, secs: float, script: Path | None = None) -> float:
     """The target's CPU per request to ``path`` under 50 connections for ``secs``, after a 1 s warm-up."""
     pids = target.pids()
@@ -238,11 +246,11 @@ def cpu_per_request(target: Target, path: str, secs: float, script: Path | None 
     return (cpu_ticks(pids) - before) / CLK * 1e6 / result["requests"]
 
 
-def http_workloads(target: Target, secs: float, post_script: Path) -> dict:
+def http_workloads(target: Target, secs: float, post: Path) -> dict:
     pids = target.pids() if target.name != "direct" else []
     out = {}
     for name, path, conns, script in (("small", "/b/small", 50, None), ("big", "/b/big", 10, None),
-                                      ("post", "/b/post", 50, post_script)):
+                                      ("post", "/b/post", 50, post)):
         wrk(target.url + path, conns, 1, script)  # warm the pools
         before = cpu_ticks(pids)
         result = wrk(target.url + path, conns, secs, script)
@@ -504,9 +512,7 @@ def main() -> None:
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (Debian package wrk); scripts/bench installs it when run as root")
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    post = tmp / "post.lua"
-    post.write_text('wrk.method = "POST"\nwrk.body = string.rep("p", 65536)\n'
-                    'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+    post = post_script(tmp)
     up_port, sse_port = free_port(), free_port()
     if not shutil.which("nginx"):
         sys.exit("the static upstream needs nginx (Debian package nginx)")
