@@ -12,7 +12,6 @@ import re
 # A CR followed by LF is one line end (CRLF), never two.
 _LINE_END = rb"(?:\r\n|\r(?!\n)|\n)"
 _EVENT_END = re.compile(_LINE_END + _LINE_END)
-_LINE_ENDS = (b"\r\n", b"\r", b"\n")
 
 
 class EventTooLarge(Exception):
@@ -57,7 +56,7 @@ class EventFramer:
         events, start = _split(buf, 0, at_eof=True)
         tail = buf[start:]
         if tail:
-            events.append(tail + (b"\n" if tail.endswith(_LINE_ENDS) else b"\n\n"))
+            events.append(tail + _blank_line_after(tail))
         return events
 
     @property
@@ -80,6 +79,18 @@ class EventFramer:
 
     def _clear(self) -> None:
         self._held, self._held_bytes, self._tail = [], 0, b""
+
+
+def _blank_line_after(tail: bytes) -> bytes:
+    """What completes a trailing event: one more line end of the kind its last line has, or two.
+
+    The same kind matters for a bare CR: an LF after it would join it into
+    one CRLF line end, and the event would still lack its blank line.
+    """
+    for line_end in (b"\r\n", b"\n", b"\r"):
+        if tail.endswith(line_end):
+            return line_end
+    return b"\n\n"
 
 
 def _ends_an_event(data: bytes) -> bool:

@@ -1,5 +1,6 @@
 """The streaming path end to end: units, hooks, latency, retries, https, reuse."""
 import gzip
+import re
 import threading
 import time
 import uuid
@@ -120,11 +121,29 @@ def test_events_split_across_reads_and_packed_in_one_read_are_reframed(streams, 
     assert chunks == [e1, e2, e3]
 
 
-def test_trailing_event_without_its_blank_line_is_completed_at_eof(streams, upstream):
+@pytest.mark.parametrize("last, completed", [(b"data: last", b"data: last\n\n"),
+                                             (b"data: last\n", b"data: last\n\n"),
+                                             (b"data: last\r\n", b"data: last\r\n\r\n"),
+                                             (b"data: last\r", b"data: last\r\r")])
+def test_trailing_event_without_its_blank_line_is_completed_at_eof(streams, upstream, last, completed):
     path = unique()
-    sse_route(upstream, path, [b"data: a\n\n", b"data: last"])
+    sse_route(upstream, path, [b"data: a\n\n", last])
     _, chunks = stream(streams, path)
-    assert chunks == [b"data: a\n\n", b"data: last\n\n"]
+    assert chunks == [b"data: a\n\n", completed]
+    assert _dispatched(completed) == [b"last"]
+
+
+def _dispatched(stream_bytes: bytes) -> list[bytes]:
+    """The data of each event an SSE client would dispatch from ``stream_bytes`` (WHATWG's line rules)."""
+    events, data = [], None
+    for line in re.split(rb"\r\n|\r|\n", stream_bytes)[:-1]:  # the piece after the last line end is no line
+        if not line:
+            if data is not None:
+                events.append(data)
+            data = None
+        elif line.startswith(b"data:"):
+            data = line[5:].lstrip(b" ") if data is None else data + b"\n" + line[5:].lstrip(b" ")
+    return events
 
 
 def test_each_upstream_chunk_of_a_chunked_body_is_one_unit(streams, upstream):

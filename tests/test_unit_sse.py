@@ -43,7 +43,8 @@ def test_cr_at_the_end_of_a_read_waits_for_a_possible_lf():
 
 def test_a_trailing_event_is_completed_at_eof():
     for tail, completed in [(b"data: z", b"data: z\n\n"), (b"data: z\n", b"data: z\n\n"),
-                            (b"data: z\r\n", b"data: z\r\n\n"), (b"data: z\r\r", b"data: z\r\r")]:
+                            (b"data: z\r\n", b"data: z\r\n\r\n"), (b"data: z\r\r", b"data: z\r\r"),
+                            (b"data: z\r", b"data: z\r\r"), (b"data: y\ndata: z\r", b"data: y\ndata: z\r\r")]:
         framer = EventFramer()
         assert framer.feed(tail) == []
         assert framer.finish() == [completed], tail
