@@ -22,6 +22,7 @@ from .config import DEFAULTS, check_settings
 from .errors import BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError
 from .limits.gcra import Limit
 from .limits.limiter import Limiter
+from .hooks import call
 from .inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
 from .metrics import metrics
 from .messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
@@ -197,9 +198,9 @@ class Proxy:
             close = isinstance(err, (PayloadTooLarge, BadRequest))
             self._fail(req, res, ures, err)
         try:
-            _call(self.after_forward, req, ures, res)
+            call(self.after_forward, req, ures, res)
             reply_headers = self._client_headers(req, res, hook_made=res.headers is not ures.headers)
-        except HookError as err:
+        except ProxyError as err:  # after_forward's own answer, a hook_error, or a header it set that cannot go out
             self._fail(req, res, ures, err)
             reply_headers = self._client_headers(req, res, hook_made=False)
         body: Iterable[bytes] = [res.body]
@@ -227,15 +228,15 @@ class Proxy:
         ureq = self._upstream_request(req)
         if upgrade is not None and self.wants_messages():
             handshake.only_deflate_offered(ureq.headers)
-        if _call(self.before_forward, req, res, ureq):
+        if call(self.before_forward, req, res, ureq):
             return None
         _check_upstream_request(ureq)
         if self._overrides("rate_limits"):
             self._take_limits(req)
         route = self._route(req)
-        policy = _call(self.retry_policy, req)
+        policy = call(self.retry_policy, req)
         retries = policy.to_urllib3()
-        stream_wanted = _call(self.stream_request, req)
+        stream_wanted = call(self.stream_request, req)
         started = time.monotonic()
         try:
             resp = self.transport.send(route, ureq, retries=retries, timeout=self._timeout(), upgrade=upgrade)
@@ -264,7 +265,7 @@ class Proxy:
         return None
 
     def _take_limits(self, req: Request) -> None:
-        limits = _call(self.rate_limits, req)
+        limits = call(self.rate_limits, req)
         if not limits:
             return
         if not isinstance(limits, (list, tuple)) or not all(isinstance(limit, Limit) for limit in limits):
@@ -294,11 +295,11 @@ class Proxy:
             peer_trusted=req.remote_addr in self.trusted(),
         )
         forwarded[REQUEST_ID_HEADER] = req.request_id
-        return UpstreamRequest(req.method, _call(self.rewrite_path, req.raw_path), forwarded, req.body)
+        return UpstreamRequest(req.method, call(self.rewrite_path, req.raw_path), forwarded, req.body)
 
     def _route(self, req: Request) -> FixedRoute | PoolRoute:
         """The way this request takes: to the one base URL ``pick_upstream`` gave, or through its pool."""
-        picked = _call(self.pick_upstream, req)
+        picked = call(self.pick_upstream, req)
         if isinstance(picked, UpstreamPool):
             return picked.route()
         try:
@@ -350,16 +351,6 @@ def _refused_by_server(environ: dict, start_response: Callable, body: Iterable[b
 def _urllib3_timeout(connect: float, read: float) -> urllib3.Timeout:
     """One per pair of settings, not per request (urllib3 clones it per request)."""
     return urllib3.Timeout(connect=min(connect, read), read=read)
-
-
-def _call(hook: Callable, *args: Any) -> Any:
-    """Run a hook; whatever it raises becomes a 500 hook_error."""
-    try:
-        return hook(*args)
-    except ProxyError:
-        raise
-    except Exception as exc:
-        raise HookError(f"hook {getattr(hook, '__name__', hook)!r} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _check_upstream_request(ureq: UpstreamRequest) -> None:

@@ -19,7 +19,7 @@ import urllib3
 from urllib3.exceptions import DecodeError
 from urllib3.response import BaseHTTPResponse, MultiDecoder
 
-from . import headers as header_rules, shutdown
+from . import headers as header_rules, hooks, shutdown
 from .errors import BadUpstreamResponse
 from .inbound import REQUEST_ID_HEADER
 from .messages import Request, StreamStats, StreamWriter, describe
@@ -139,7 +139,7 @@ class StreamRelay:
                     try:
                         proxy.on_stream_chunk(unit, out, stats)
                     except Exception as exc:
-                        raise _HookFailed(f"hook on_stream_chunk raised {type(exc).__name__}: {exc}") from exc
+                        raise _HookFailed() from exc
                     pending = out.take()
                     if pending:
                         yield b"".join(pending) if len(pending) > 1 else pending[0]
@@ -154,8 +154,7 @@ class StreamRelay:
             self._end()
             raise
         except _HookFailed as exc:
-            failure = str(exc)
-            log.error("%s: %s", describe(self.req), failure, exc_info=exc.__cause__)
+            failure = hooks.log_failure(proxy.on_stream_chunk, describe(self.req), exc.__cause__)
         except _UpstreamFailed as exc:
             failure = str(exc)
         except BaseException as exc:
@@ -197,11 +196,7 @@ class StreamRelay:
             counters.stream_ended(stats.chunk_count, stats.byte_count)
             counters.answered(self.req.method, self.resp.status, self.upstream.origin,
                               "stream_cut" if stats.errored else None)
-        try:
-            self.proxy.on_stream_end(self.req, self.out, stats)
-        except Exception as exc:
-            log.error("%s: hook on_stream_end raised %s: %s", describe(self.req), type(exc).__name__, exc,
-                      exc_info=True)
+        hooks.call_after_head(self.proxy.on_stream_end, describe(self.req), self.req, self.out, stats)
 
     # -- reading units ---------------------------------------------------------
     #
@@ -314,7 +309,7 @@ def _nothing() -> None:
 
 
 class _HookFailed(Exception):
-    """on_stream_chunk raised; the message is the reason for the log."""
+    """on_stream_chunk raised what is this exception's cause."""
 
 
 class _UpstreamFailed(Exception):

@@ -170,6 +170,20 @@ def test_hook_that_raises_is_500_and_the_worker_keeps_serving(gateway):
     assert len(pids) == 1 and len(gateway.worker_pids()) == 1
 
 
+def test_a_proxy_error_raised_by_a_hook_is_the_answer(gateway, upstream):
+    path = unique("/hook-proxy-error")
+    reply = request(gateway.url, "GET", path)
+    assert_error(reply, 400, "bad_request")
+    assert reply.json()["error"]["message"] == "model 'nope' is not served here"
+    assert reply.header("X-Seen-Error") == "bad_request"  # after_forward ran once, on the hook's error
+    assert upstream.seen(path) == []
+    reply = request(gateway.url, "GET", unique("/after-proxy-error"))
+    assert_error(reply, 502, "bad_upstream_response")
+    assert reply.json()["error"]["message"] == "the upstream's answer failed the gateway's check"
+    gateway.wait_for_log(r"GET /after-proxy-error/\w+ -> 502 bad_upstream_response: the upstream's answer")
+    assert request(gateway.url, "GET", unique()).status == 200
+
+
 def test_hook_set_header_with_crlf_is_500_and_never_sent(gateway, upstream):
     path = unique("/hook-crlf")
     assert_error(request(gateway.url, "GET", path), 500, "hook_error")

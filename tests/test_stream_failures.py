@@ -170,6 +170,21 @@ def test_a_raising_chunk_hook_cuts_the_stream_and_the_worker_serves_on(streams, 
     assert request(streams.url, "GET", unique("/after")).status == 200
 
 
+def test_a_raising_on_stream_end_is_logged_and_leaves_the_stream_whole(streams, upstream):
+    path = unique()
+    upstream.route(path, event_stream(3))
+    client = StreamClient(streams.url, path, headers={"X-End-Raise": "1", "X-Final": "1"})
+    client.read_head()
+    chunks = client.read_rest()  # raises Truncated if the reply was cut
+    assert client.status == 200
+    assert chunks == [b"data: %d\n\n" % i for i in range(3)] + [b"event: end\ndata: 3\n\n"]  # then the last chunk
+    record = streams.records.wait_one(path)
+    assert not record["errored"] and record["chunk_count"] == 3
+    streams.wait_for_log(rf"GET {path}: hook 'on_stream_end' raised RuntimeError: boom from on_stream_end")
+    assert "Traceback" in streams.log()
+    assert request(streams.url, "GET", unique("/after")).status == 200
+
+
 def test_failure_before_the_head_is_a_json_error_not_a_stream(streams):
     server = raw_upstream(reset)
     try:

@@ -7,6 +7,7 @@ build the retry policy, and the path picks what before_forward does.
 import os
 
 from forkproxy import Proxy, RetryPolicy
+from forkproxy.errors import BadRequest, BadUpstreamResponse
 
 SETTINGS = {
     key: float(os.environ[env])
@@ -46,6 +47,8 @@ class TestGateway(Proxy):
             return True
         if path.startswith("/hook-raise"):
             raise RuntimeError("boom from before_forward")
+        if path.startswith("/hook-proxy-error"):  # a hook answering with one of the proxy's errors
+            raise BadRequest("model 'nope' is not served here")
         if path.startswith("/hook-crlf"):
             ureq.headers["X-Evil"] = "a\r\nInjected: 1"
         if path.startswith("/hook-bad-name"):
@@ -82,6 +85,8 @@ class TestGateway(Proxy):
         res.headers["X-Worker-Pid"] = str(os.getpid())
         if req.path.startswith("/after-raise"):
             raise ValueError("boom from after_forward")
+        if req.path.startswith("/after-proxy-error"):
+            raise BadUpstreamResponse("the upstream's answer failed the gateway's check")
 
 
 app = TestGateway(os.environ["TEST_UPSTREAM"], **SETTINGS)

@@ -56,6 +56,8 @@ class StreamGateway(Proxy):
                   "units": stats.meta.get("units", [])[:50], "pid": os.getpid()}
         with open(os.environ["TEST_RECORDS"], "a") as f:
             f.write(json.dumps(record) + "\n")
+        if req.headers.get("X-End-Raise"):
+            raise RuntimeError("boom from on_stream_end")
 
 
 app = StreamGateway(os.environ["TEST_UPSTREAM"], **SETTINGS)
