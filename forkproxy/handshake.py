@@ -11,7 +11,7 @@ from http.client import HTTPException
 from urllib3 import HTTPHeaderDict
 
 from .errors import UpgradeNotSupported
-from .headers import connection_named, getlist, lines, HOP_BY_HOP
+from .headers import client_response_headers, connection_named, getlist
 
 WEBSOCKET = "websocket"
 # The one extension message hooks can undo (wsproto implements it); others are not offered then.
@@ -46,12 +46,19 @@ def check_switch(asked: str, headers: HTTPHeaderDict) -> str:
 
 
 def client_head(reason: str, headers: HTTPHeaderDict, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """The 101 head the client gets: the upstream's fields less hop-by-hop ones, with its Connection and Upgrade."""
-    skip = HOP_BY_HOP | connection_named(headers)
+    """The 101 head the client gets, written by forkproxy itself rather than by the server.
+
+    The upstream's fields pass by the rules of every reply
+    (``client_response_headers``: no hop-by-hop field, no ``X-Accel-*``, no
+    Date or Server of the upstream's); the head adds its Connection and
+    Upgrade, and ``extra``: forkproxy's own fields (its Date, X-Request-ID),
+    which replace any the upstream sent by those names.
+    """
+    own = tuple(name.lower() for name, _ in extra)
+    pairs = client_response_headers(headers, keep_content_length=False, drop=own)
     out = [f"HTTP/1.1 101 {reason or 'Switching Protocols'}\r\nConnection: Upgrade\r\n"]
     out += [f"Upgrade: {value}\r\n" for value in getlist(headers, "upgrade")]
-    out += [f"{name}: {value}\r\n" for name, value in lines(headers) if name.lower() not in skip]
-    out += [f"{name}: {value}\r\n" for name, value in extra]
+    out += [f"{name}: {value}\r\n" for name, value in (*pairs, *extra)]
     out.append("\r\n")
     return "".join(out).encode("latin-1")
 

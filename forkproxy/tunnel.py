@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from email.utils import formatdate
 from http.client import HTTPException
 from typing import TYPE_CHECKING, Any
 
@@ -145,8 +146,9 @@ class Tunnel:
         try:
             for end in (self._client, self._upstream):
                 end.sock.settimeout(self.idle_timeout)
-            head = handshake.client_head(self.reply.reason, self.reply.headers,
-                                         ((REQUEST_ID_HEADER, self.req.request_id), *self.req.rate_limit_headers))
+            own = (("Date", formatdate(usegmt=True)), (REQUEST_ID_HEADER, self.req.request_id),
+                   *self.req.rate_limit_headers)  # what the server adds to, and forkproxy sets in, every reply
+            head = handshake.client_head(self.reply.reason, self.reply.headers, own)
             try:
                 self._client.write(head)
             except OSError:

@@ -50,6 +50,12 @@ def message_tunnels(start_gateway):
     return start_gateway("tests.apps.tunnels:messages_app")
 
 
+@pytest.fixture(scope="module")
+def capped_message_tunnels(start_gateway):
+    """Tunnels with on_ws_message and max_ws_message_bytes of 4096."""
+    return start_gateway("tests.apps.tunnels:messages_app", TEST_MAX_MESSAGE="4096")
+
+
 def ws_url(g, path: str) -> str:
     return g.url.replace("http://", "ws://") + path
 
@@ -188,6 +194,22 @@ def test_an_upgrade_to_a_protocol_not_allowed_is_501(tunnels):
     assert "spdy" in reply.json()["error"]["message"]
 
 
+def test_the_clients_101_drops_the_upstreams_x_accel_fields_and_carries_one_request_id(tunnels):
+    fields = (b"X-Accel-Redirect: /internal/secret\r\nX-Accel-Buffering: yes\r\nX-Request-ID: upstream-made\r\n"
+              b"Keep-Alive: timeout=5\r\nX-Kept: yes\r\n")
+    server = RawServer(switching(lambda conn, head, reply: (conn.sendall(reply), read_to_close(conn)), fields))
+    try:
+        sock = raw_tunnel(tunnels, "/accel", extra=f"X-Test-Upstream: {server.url}\r\nX-Request-ID: client-made\r\n")
+        head, _ = read_head(sock)
+        sock.close()
+    finally:
+        server.close()
+    lines = head.decode("latin-1").lower().split("\r\n")
+    assert lines[0].startswith("http/1.1 101 ") and "x-kept: yes" in lines and "upgrade: websocket" in lines
+    assert [line for line in lines if line.startswith(("x-accel-", "keep-alive"))] == []
+    assert [line for line in lines if line.startswith("x-request-id")] == ["x-request-id: client-made"]
+
+
 # -- bytes on either side of the 101, half-close, what gunicorn does after ---------
 
 
@@ -302,6 +324,25 @@ def test_a_message_hook_transforms_and_drops_messages(message_tunnels):
     assert (record["messages_from_client"], record["messages_from_upstream"]) == (2, 1)
 
 
+def test_a_message_hook_that_blocks_one_way_neither_loses_nor_misroutes_messages_the_other_way(message_tunnels,
+                                                                                               ws_upstream):
+    # The hook sleeps 20 ms on each client message; the client keeps sending, so while the hook
+    # sleeps on one message, the upstream's echo of the one before flows the other way.
+    sent = [f"c{i}" for i in range(30)]
+    with connect(ws_url(message_tunnels, "/echo-slow-hook"), additional_headers={"X-Mode": "slow-client"}) as ws:
+        for text in sent:
+            ws.send(text)
+            time.sleep(0.005)
+        got = [ws.recv(timeout=5) for _ in sent]
+    assert got == sent  # each reached the upstream, in order, and came back, in order
+    record = message_tunnels.records.wait_one("/echo-slow-hook")
+    assert not record["errored"] and (record["messages_from_client"], record["messages_from_upstream"]) == (30, 30)
+    deadline = time.monotonic() + 5
+    while not any(path == "/echo-slow-hook" for path, _ in ws_upstream.closed) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ("/echo-slow-hook", 1000) in ws_upstream.closed  # never 1002: no unmasked frame reached it
+
+
 def test_a_message_hook_counts_usage_for_billing_at_tunnel_end(message_tunnels):
     with connect(ws_url(message_tunnels, "/usage"), additional_headers={"X-Mode": "count-usage"}) as ws:
         for text in ("abc", "defgh"):
@@ -325,21 +366,25 @@ def test_a_failing_message_hook_closes_both_sides_with_1011(message_tunnels, ws_
     assert ws_upstream.closed and ("/echo-fail", 1011) in ws_upstream.closed
 
 
-def test_a_message_over_max_ws_message_bytes_closes_both_sides_with_1009(start_gateway, ws_upstream):
-    g = start_gateway("tests.apps.tunnels:messages_app", TEST_MAX_MESSAGE="4096")
-    with connect(ws_url(g, "/echo-cap")) as ws:
-        ws.send("y" * 4096)
-        assert ws.recv() == "y" * 4096
-        ws.send("y" * 4097)
+@pytest.mark.parametrize("char", ["y", "é", "€"])
+def test_a_message_over_max_ws_message_bytes_closes_both_sides_with_1009(char, capped_message_tunnels, ws_upstream):
+    g = capped_message_tunnels
+    width = len(char.encode())
+    at_cap = char * (4096 // width) + "y" * (4096 % width)  # 4096 bytes of UTF-8, fewer characters
+    path = f"/echo-cap-{width}"
+    with connect(ws_url(g, path)) as ws:
+        ws.send(at_cap)
+        assert ws.recv() == at_cap
+        ws.send(at_cap + "y")
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=5)
         assert ws.close_code == 1009
-    record = g.records.wait_one("/echo-cap")
+    record = g.records.wait_one(path)
     assert record["closed_by"] == "proxy" and record["errored"]
     deadline = time.monotonic() + 5
-    while ("/echo-cap", 1009) not in ws_upstream.closed and time.monotonic() < deadline:
+    while (path, 1009) not in ws_upstream.closed and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert ("/echo-cap", 1009) in ws_upstream.closed
+    assert (path, 1009) in ws_upstream.closed
 
 
 def test_pings_pass_through_message_hooks(message_tunnels):

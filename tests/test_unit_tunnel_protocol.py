@@ -5,9 +5,13 @@ upstream, so frames are real frames and nothing touches a socket.
 """
 from __future__ import annotations
 
+import time
+import tracemalloc
 from http.client import HTTPException
 
+import gevent
 import pytest
+from gevent.event import Event
 from urllib3 import HTTPHeaderDict
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
@@ -68,12 +72,14 @@ def test_the_upstream_request_carries_connection_and_upgrade_only_for_a_tunnel()
     assert tunnel == b"GET /ws HTTP/1.1\r\nHost: up\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nAccept: */*\r\n\r\n"
 
 
-def test_the_clients_101_keeps_the_upstreams_fields_but_hop_by_hop_ones():
+def test_the_clients_101_follows_the_rules_of_every_reply_with_one_request_id():
     head = handshake.client_head("Switching Protocols", h(
         Connection="Upgrade, X-Hop", Upgrade="websocket", X_Hop="1", Keep_Alive="timeout=5",
-        Sec_WebSocket_Accept="abc=", Sec_WebSocket_Protocol="chat.v2"), (("X-Request-ID", "r1"),))
+        X_Accel_Redirect="/internal", X_Accel_Buffering="yes", X_Request_ID="upstreams", Date="then", Server="up",
+        Sec_WebSocket_Accept="abc=", Sec_WebSocket_Protocol="chat.v2"), (("Date", "now"), ("X-Request-ID", "r1")))
     assert head == (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                    b"Sec-WebSocket-Accept: abc=\r\nSec-WebSocket-Protocol: chat.v2\r\nX-Request-ID: r1\r\n\r\n")
+                    b"Sec-WebSocket-Accept: abc=\r\nSec-WebSocket-Protocol: chat.v2\r\n"
+                    b"Date: now\r\nX-Request-ID: r1\r\n\r\n")
 
 
 def test_message_hooks_offer_only_permessage_deflate_and_accept_nothing_else():
@@ -205,6 +211,18 @@ def test_text_over_the_cap_is_measured_in_utf8_bytes():
     assert [(type(e), e.code) for e in got] == [(CloseConnection, 1009)]
 
 
+@pytest.mark.parametrize("over", [0, 1])
+def test_multibyte_text_arriving_in_pieces_is_capped_at_its_exact_utf8_size(over):
+    peers = Peers(max_bytes=4096)
+    text = "€" * 1365 + "y" * (1 + over)  # 4096 (+1) bytes in 1366 (+1) characters
+    data = peers.client.send(TextMessage(text))
+    for i in range(0, len(data), 7):  # wsproto hands each read's part on, characters cut in two
+        _, onward = peers.relay.receive(True, data[i:i + 7])
+        peers.upstream.receive_data(onward)
+    got = [(type(e), e.code if isinstance(e, CloseConnection) else e.data) for e in peers.upstream.events()]
+    assert got == ([(CloseConnection, 1009)] if over else [(TextMessage, text)])
+
+
 def test_a_hook_that_raises_closes_both_sides_with_1011_and_keeps_the_error():
     def hook(msg, out, stats):
         raise ValueError("bad")
@@ -231,3 +249,68 @@ def test_permessage_deflate_is_undone_for_the_hook_and_redone_on_the_way():
     assert [e.data for e in got] == ["compress me " * 50 + "!"]
     got, _ = peers.from_upstream(TextMessage("and back " * 50))
     assert [e.data for e in got] == ["and back " * 50 + "!"]
+
+
+def test_a_hook_blocked_on_a_message_one_way_leaves_the_other_way_alone():
+    """The two directions run in two greenlets; a hook blocked on a client message (I/O would
+    block it) neither takes over what the upstream's direction does meanwhile nor sends into it."""
+    upstream_handled = Event()
+
+    def hook(msg, out, stats):
+        if msg.from_client:
+            upstream_handled.wait(5)
+        out.send(msg.data)
+    peers = Peers(hook)
+    held = gevent.spawn(peers.relay.receive, True, peers.client.send(TextMessage("c1")) +
+                        peers.client.send(TextMessage("c2")))
+    gevent.sleep(0)  # it is in the hook now
+    back, to_client = peers.relay.receive(False, peers.upstream.send(TextMessage("u1")))
+    upstream_handled.set()
+    client_back, to_upstream = held.get(timeout=5)
+    peers.client.receive_data(to_client + client_back)
+    peers.upstream.receive_data(to_upstream + back)
+    assert [(type(e), e.data) for e in peers.client.events()] == [(TextMessage, "u1")]
+    assert [(type(e), e.data) for e in peers.upstream.events()] == [(TextMessage, "c1"), (TextMessage, "c2")]
+
+
+def _fragmented(kind, piece, size: int) -> tuple[bytes, str | bytes]:
+    """(frames, message): a client's message of about ``size`` bytes, one ``piece`` a frame (wsproto's framing)."""
+    client = Connection(ConnectionType.CLIENT)
+    count = size // len(piece.encode() if isinstance(piece, str) else piece)
+    first, middle = (client.send(kind(piece, message_finished=False)) for _ in range(2))
+    return first + middle * (count - 2) + client.send(kind(piece)), piece * count
+
+
+def _relay_all(relay: MessageRelay, data: bytes) -> None:
+    for i in range(0, len(data), 16 * 1024):  # read by read, as a tunnel does (reads smaller than the message)
+        relay.receive(True, data[i:i + 16 * 1024])
+
+
+@pytest.mark.parametrize("kind, piece", [(BytesMessage, b"z" * 16), (TextMessage, "é" * 8), (TextMessage, "€" * 4),
+                                         (TextMessage, "x" * 4096)])
+def test_a_message_held_for_the_hook_costs_about_its_own_size_whatever_its_frames(kind, piece):
+    size = 256 * 1024  # in 12- to 16-byte frames (some 20,000, each an object or two in wsproto), or 4 KiB ones
+    data, whole = _fragmented(kind, piece, size)
+    seen = []
+    relay = MessageRelay(lambda msg, out, stats: seen.append(msg.data == whole), TunnelStats(), 16 << 20)
+    tracemalloc.start()
+    try:
+        _relay_all(relay, data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == [True]
+    assert peak < 3 * size, f"{peak / size:.1f} times the message's size"
+
+
+def test_the_cap_check_costs_the_same_per_byte_for_a_big_text_message_as_for_a_small_one():
+    def cpu_seconds(size: int) -> float:
+        data, _ = _fragmented(TextMessage, "é" * 512, size)  # 1 KiB frames
+        relay = MessageRelay(lambda msg, out, stats: None, TunnelStats(), size)  # at the cap: checked all along
+        started = time.process_time()
+        _relay_all(relay, data)
+        assert relay.close_code is None
+        return time.process_time() - started
+    small = min(cpu_seconds(256 << 10) for _ in range(5))
+    big = cpu_seconds(4 << 20)
+    assert big / 16 < 4 * small, f"a byte of 4 MiB costs {big / 16 / small:.1f} times a byte of 256 KiB"

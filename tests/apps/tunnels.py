@@ -4,12 +4,15 @@
 on_ws_message, its behaviour picked by the request's X-Mode header:
 ``pass`` (default), ``upper`` (text upper-cased), ``drop`` (messages holding
 "drop-me" vanish), ``fail`` (the hook raises on "boom"), ``count-usage``
-(upstream usage events summed into stats.meta). Both swap the client's key
-for the real one, refuse X-Test-Deny with 401, and append one JSON line per
-tunnel to $TEST_RECORDS from on_tunnel_end.
+(upstream usage events summed into stats.meta), ``slow-client`` (the hook
+blocks 20 ms on each client message, as one doing I/O would). Both swap the
+client's key for the real one, refuse X-Test-Deny with 401, and append one
+JSON line per tunnel to $TEST_RECORDS from on_tunnel_end.
 """
 import json
 import os
+
+import gevent
 
 from forkproxy import Proxy
 
@@ -45,6 +48,8 @@ class MessageGateway(TunnelGateway):
     def on_ws_message(self, msg, out, stats):
         mode = stats.req.headers.get("X-Mode", "pass")
         data = msg.data
+        if mode == "slow-client" and msg.from_client:
+            gevent.sleep(0.02)
         if mode == "upper" and isinstance(data, str):
             out.send(data.upper())
         elif mode == "drop" and "drop-me" in (data if isinstance(data, str) else data.decode("latin-1")):
@@ -62,15 +67,19 @@ class MessageGateway(TunnelGateway):
 
 
 def with_census(proxy):
-    """``proxy``, plus GET /_census: the worker's live greenlets and open file descriptors, as JSON."""
+    """``proxy``, plus GET /_census: the worker's live greenlets and open file descriptors, as JSON.
+
+    Greenlets are gevent's spawned ones (requests, tunnel directions): the hub's
+    and its DNS thread pool's come and go on their own (an idle pool thread
+    exits after gevent's threadpool_idle_task_timeout).
+    """
     def app(environ, start_response):
         if environ["PATH_INFO"] != "/_census":
             return proxy(environ, start_response)
         import gc
-        import greenlet
 
         gc.collect()
-        live = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead)
+        live = sum(1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead)
         body = json.dumps({"greenlets": live, "fds": len(os.listdir("/proc/self/fd"))}).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]

@@ -128,8 +128,9 @@ def read_to_close(sock, data: bytes = b"", timeout: float = 10) -> bytes:
         data += got
 
 
-def switching(handle_after):
-    """A raw upstream handler: read the request head, answer 101 (websocket), then ``handle_after(conn, head)``."""
+def switching(handle_after, fields: bytes = b""):
+    """A raw upstream handler: read the request head, answer 101 (websocket, plus ``fields``), then
+    ``handle_after(conn, head, reply)``, which sends the 101 ``reply``."""
     from tests.support.servers import read_request_head
 
     def handle(conn) -> None:
@@ -137,6 +138,6 @@ def switching(handle_after):
         key = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
                     if line.lower().startswith(b"sec-websocket-key:")), "")
         reply = (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Accept: {accept_for(key)}\r\n\r\n").encode()
+                 f"Sec-WebSocket-Accept: {accept_for(key)}\r\n").encode() + fields + b"\r\n"
         handle_after(conn, head, reply)
     return handle
