@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.lock import Semaphore
 
-from . import handshake, shutdown
+from . import handshake, hooks, shutdown
 from .errors import BadUpstreamResponse, UpgradeNotSupported
 from .inbound import REQUEST_ID_HEADER
 from .messages import Request, TunnelStats, describe
@@ -246,8 +246,7 @@ class Tunnel:
     def _proxy_closed(self, relay: MessageRelay) -> None:
         failure = relay.hook_failure
         if failure is not None:
-            log.error("%s: hook 'on_ws_message' raised %s: %s; tunnel closed with 1011", describe(self.req),
-                      type(failure).__name__, failure, exc_info=failure)
+            hooks.log_failure(self.proxy.on_ws_message, describe(self.req), failure)
         else:
             log.warning("%s: tunnel closed with %d: %s", describe(self.req), relay.close_code, relay.close_reason)
         self._end("proxy", errored=True)
@@ -278,11 +277,7 @@ class Tunnel:
             counters.active_tunnels.dec()
             counters.tunnel_ended(stats.bytes_from_client, stats.bytes_from_upstream)
             counters.answered(self.req.method, 101, self.upstream.origin, "tunnel_cut" if stats.errored else None)
-        try:
-            self.proxy.on_tunnel_end(self.req, stats)
-        except Exception as exc:
-            log.error("%s: hook on_tunnel_end raised %s: %s", describe(self.req), type(exc).__name__, exc,
-                      exc_info=True)
+        hooks.call_after_head(self.proxy.on_tunnel_end, describe(self.req), self.req, stats)
         environ = self.req.environ
         environ[ENV_BYTES_IN] = stats.bytes_from_client
         log_access(environ, f"101 {self.reply.reason or 'Switching Protocols'}", stats.bytes_from_upstream,
