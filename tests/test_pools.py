@@ -10,9 +10,12 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
+import pytest
+
 from tests.support.client import StreamClient, request
 from tests.support.gunicorn import Gunicorn
-from tests.support.servers import RawServer, Upstream as Server, event_stream, free_port, read_request_head
+from tests.support.servers import (RawServer, Scripted, Upstream as Server, behind_tls, event_stream, free_port,
+                                   read_request_head, reset)
 
 
 @contextmanager
@@ -254,3 +257,97 @@ def test_a_member_that_accepts_and_never_answers_times_out_is_marked_down_and_th
         finally:
             hold.set()
             silent.close()
+
+
+# -- a TLS handshake that fails sent nothing: a failed connect --------------------------------------------------
+
+@contextmanager
+def failing_tls(kind):
+    """The https:// URL of an upstream whose TLS handshake fails as ``kind`` says."""
+    if kind == "untrusted":  # a real TLS server, whose certificate the proxy has no reason to trust
+        trustme = pytest.importorskip("trustme")
+        with servers(1) as (plain,):
+            tls = behind_tls(plain, trustme.CA().issue_cert("127.0.0.1"))
+            try:
+                yield tls.url
+            finally:
+                tls.shutdown()
+                tls.server_close()
+        return
+    hold = threading.Event()
+    ends = {"closed": lambda conn: conn.recv(4096),  # reads the ClientHello, then closes
+            "reset": lambda conn: (conn.recv(4096), reset(conn)),
+            "silent": lambda conn: hold.wait(5)}
+    server = RawServer(ends[kind])
+    try:
+        yield f"https://127.0.0.1:{server.port}"
+    finally:
+        hold.set()
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["closed", "reset", "silent", "untrusted"])
+def test_a_post_moves_on_from_a_member_whose_tls_handshake_fails_and_the_member_is_counted(kind):
+    with servers(1) as (b,), failing_tls(kind) as bad, gateway(bad, b.url) as g:
+        reply = request(g.url, "POST", "/charge", body=b"once")  # round robin tries the bad member first
+        assert (reply.status, reply.header("X-Seen-Upstream")) == (200, b.url)
+        assert reply.header("X-Seen-Attempts") == "1"  # the failed handshake used none
+        assert [s.body for s in b.seen("/charge")] == [b"once"]
+        g.wait_for_log(rf"upstream {bad} marked down for 10s \(time 1 in a row\): TLS")
+
+
+def test_a_tls_handshake_that_times_out_is_a_504_connect_timeout_saying_tls():
+    with failing_tls("silent") as bad, gateway(bad, timeout=3) as g:  # connect_timeout is 1
+        started = time.monotonic()
+        reply = request(g.url, "POST", "/x", body=b"x")
+        assert reply.status == 504 and reply.error_type() == "upstream_timeout"
+        assert time.monotonic() - started < 2.5  # the connect's timeout, not the response head's
+        message = reply.json()["error"]["message"]
+        assert "TLS" in message and "response head" not in message
+        assert "127.0.0.1" not in message
+
+
+# -- the resend on a fresh connection, after a reused one closed unanswered, is part of the attempt ---------------
+
+def test_a_resend_closed_unanswered_too_fails_the_attempt_with_502_and_counts_against_the_member():
+    a = Scripted([200, "close", "close"])  # the third request: closed on the reused connection, then on a fresh one
+    with servers(1) as (b,), gateway(a.url, b.url) as g:
+        try:
+            assert [request(g.url, "GET", "/x").header("X-Seen-Upstream") for _ in range(2)] == [a.url, b.url]
+            reply = request(g.url, "GET", "/x")
+            assert reply.status == 502 and reply.error_type() == "upstream_unreachable"
+            assert a.got == 3
+            assert answered_by(g, 4) == {b.url: 4}  # marked down by that one failure (max_fails=1)
+            g.wait_for_log(rf"upstream {a.url} marked down for 10s \(time 1 in a row\)")
+        finally:
+            a.close()
+
+
+def test_least_busy_counts_an_attempt_whose_resend_was_closed_unanswered_as_no_longer_in_flight():
+    a = Scripted([200, "close", "close"])
+    with servers(1) as (b,), gateway(a.url, b.url, balance="least_busy", max_fails=10) as g:
+        try:
+            assert [request(g.url, "GET", "/x").header("X-Seen-Upstream") for _ in range(2)] == [a.url, b.url]
+            request(g.url, "GET", "/x")  # closed on a's reused connection, then on a fresh one
+            assert answered_by(g, 4) == {a.url: 2, b.url: 2}  # nothing in flight on either: turns again
+        finally:
+            a.close()
+
+
+def test_a_trial_whose_resend_is_closed_unanswered_marks_the_member_down_again_and_a_later_trial_revives_it():
+    a = Scripted([200, 503, "close", "close"])
+    with servers(1) as (b,), gateway(a.url, b.url, fail_timeout=0.5) as g:
+        try:
+            seen = [request(g.url, "GET", "/x") for _ in range(3)]
+            assert [(r.status, r.header("X-Seen-Upstream")) for r in seen] == [(200, a.url), (200, b.url),
+                                                                                (503, a.url)]
+            time.sleep(0.6)  # due for its trial, on its kept-alive connection: closed there and on a fresh one
+            retried = [request(g.url, "GET", "/x", headers={"X-Test-Retry": "2"}) for _ in range(3)]
+            assert [(r.status, r.header("X-Seen-Upstream")) for r in retried] == [(200, b.url)] * 3
+            assert a.got == 4
+            g.wait_for_log(rf"upstream {a.url} marked down for 1s \(time 2 in a row\)")
+            time.sleep(1.1)
+            assert answered_by(g, 4)[a.url] >= 1  # its next trial was answered: live again
+            g.wait_for_log(rf"upstream {a.url} live again after")
+        finally:
+            a.close()

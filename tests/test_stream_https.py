@@ -1,13 +1,11 @@
 """An https:// upstream streams like an http:// one, verified against a test CA."""
-import ssl
-import threading
 import time
 import uuid
 
 import pytest
 
 from tests.support.client import StreamClient, request
-from tests.support.servers import Handler, Server, Upstream, event_stream
+from tests.support.servers import Upstream, behind_tls, event_stream
 
 trustme = pytest.importorskip("trustme")
 
@@ -19,16 +17,12 @@ def tls_upstream(tmp_path_factory):
     ca_path = tmp_path_factory.mktemp("ca") / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_path))
     server = Upstream()  # reuse its routing and recording, behind TLS
-    tls = Server(("127.0.0.1", 0), Handler)
-    tls.upstream = server
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert.configure_cert(context)
-    tls.socket = context.wrap_socket(tls.socket, server_side=True)
-    threading.Thread(target=tls.serve_forever, daemon=True).start()
-    server.tls_url = f"https://127.0.0.1:{tls.server_address[1]}"
+    tls = behind_tls(server, cert)
+    server.tls_url = tls.url
     server.ca_path = ca_path
     yield server
     tls.shutdown()
+    tls.server_close()
     server.close()
 
 

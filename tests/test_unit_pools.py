@@ -1,11 +1,20 @@
-"""Pools without sockets: smooth weighted round robin, least busy, passive health, backups, bad arguments."""
+"""Pools without sockets: smooth weighted round robin, least busy, passive health, backups, bad arguments,
+how an attempt that raised settles its member, and what a failed TLS handshake tells the client."""
+import ssl
+import time
 from collections import Counter
 
 import pytest
+import urllib3
 
-from forkproxy import NoLiveUpstream, Upstream, UpstreamPool
+from forkproxy import NoLiveUpstream, RetryPolicy, Upstream, UpstreamPool
+from forkproxy.errors import UpstreamTimeout, UpstreamUnreachable
+from forkproxy.messages import UpstreamRequest
 from forkproxy.upstream.balance import SmoothWeighted, least_busy
+from forkproxy.upstream.failures import TLSHandshakeError, head_error
 from forkproxy.upstream.health import Health, Rules
+from forkproxy.upstream.members import parse_base_url
+from forkproxy.upstream.transport import Transport
 
 
 def picks(order, n, candidates=None):
@@ -130,3 +139,33 @@ def test_bad_pool_arguments_raise_value_error_naming_the_argument(call, word):
     with pytest.raises(ValueError) as info:
         call()
     assert word in str(info.value)
+
+
+class BrokenTransport(Transport):
+    """A transport whose attempts raise what no upstream failure is: a bug inside an attempt."""
+
+    def _attempt(self, *args):
+        raise RuntimeError("a bug inside an attempt")
+
+
+def test_an_attempt_that_raises_anything_settles_its_trial_and_leaves_the_in_flight_count():
+    pool = pool_of("http://a", Upstream("http://b", backup=True), fail_timeout=0)
+    pool.failed(0, "refused", False, now=time.monotonic())  # down for 0 s: its next request is its trial
+    transport = BrokenTransport(pool_maxsize=1, ca_certs=None)
+    with pytest.raises(RuntimeError):
+        transport.send(pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()),
+                       retries=RetryPolicy().to_urllib3(), timeout=urllib3.Timeout(1))
+    assert pool.in_flight == [0, 0]
+    assert pool.health[0].ejections == 2 and not pool.health[0].trial_out  # the trial failed: down again
+
+
+@pytest.mark.parametrize("cause, timed_out, error, words", [
+    (TimeoutError("_ssl.c:983: The handshake operation timed out"), True, UpstreamTimeout, "timed out"),
+    (ssl.SSLCertVerificationError(1, "certificate verify failed"), False, UpstreamUnreachable, "certificate"),
+    (ConnectionResetError(104, "Connection reset by peer"), False, UpstreamUnreachable, "failed"),
+])
+def test_a_failed_tls_handshake_tells_the_client_tls_and_neither_the_address_nor_the_os_error(
+        cause, timed_out, error, words):
+    told = head_error(TLSHandshakeError(cause, timed_out=timed_out), parse_base_url("https://10.9.8.7:8443"))
+    assert type(told) is error and "TLS handshake" in told.message and words in told.message
+    assert "10.9.8.7" not in told.message and str(cause) not in told.message

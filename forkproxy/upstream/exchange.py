@@ -21,18 +21,19 @@ import select
 import socket
 import time
 from http.client import RemoteDisconnected
-from ssl import SSLEOFError, SSLError as BaseSSLError
+from ssl import SSLEOFError
 from typing import Any
 
 from gevent.monkey import get_original
 from urllib3.connection import HTTPConnection, HTTPSConnection, port_by_scheme
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ReadTimeoutError, SSLError
+from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError, SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.timeout import Timeout
 
 from ..retry import IDEMPOTENT_METHODS
 from ..wire import RequestHead, body_framing, host_header, read_head
+from .failures import TLSHandshakeError
 from .reply import READ_BUFFER, UpstreamReply
 
 _os_poll = get_original("select", "poll")
@@ -105,20 +106,23 @@ class _Exchange:
         an attempt of the retry policy.
         """
         self.num_requests += 1
-        reused = conn.sock is not None
+        if conn.sock is not None:  # reused
+            try:
+                return self._exchange(conn, method, url, body, headers, timeout)
+            except _Unanswered as unanswered:
+                if not (method in IDEMPOTENT_METHODS or unanswered.body_unsent):
+                    raise unanswered.error from None
+            conn.close()
         try:
             return self._exchange(conn, method, url, body, headers, timeout)
-        except _Unanswered as unanswered:
-            if not reused or not (method in IDEMPOTENT_METHODS or unanswered.body_unsent):
-                raise unanswered.error from None
-        conn.close()
-        return self._exchange(conn, method, url, body, headers, timeout)
+        except _Unanswered as unanswered:  # on a fresh connection too: the attempt failed, as urlopen knows it
+            raise unanswered.error from None
 
     def _exchange(self, conn: HTTPConnection, method: str, url: str, body: bytes | None,
                   head: RequestHead, timeout: Timeout) -> UpstreamReply:
         connect_timeout = Timeout.resolve_default_timeout(timeout.connect_timeout)
         conn.timeout = connect_timeout
-        self._connect(conn, url)
+        self._connect(conn)
         sock = conn.sock
         sock.settimeout(connect_timeout)  # a reused connection still has its last read's timeout
         body_unsent = _send(sock, head.data, body)  # the target as received, not urlopen's ``url``
@@ -135,23 +139,32 @@ class _Exchange:
             raise
         return UpstreamReply(self, conn, fp, status, reply_headers, framing)
 
-    def _connect(self, conn: HTTPConnection, url: str) -> None:
-        """Connect (and for https, handshake and verify) a connection that has no socket yet."""
+    def _connect(self, conn: HTTPConnection) -> None:
+        """Connect (and for https, handshake and verify) a connection that has no socket yet.
+
+        urllib3 reports a failed TCP connect as a ``ConnectTimeoutError``;
+        whatever else ``connect`` raises came from the TLS handshake, which
+        sent nothing of the request either: a ``TLSHandshakeError``, also a
+        failed connect (it fails over whatever the method).
+        """
         if not conn.is_closed:
             return
         try:
-            try:
-                conn.connect()
-            except (socket.timeout, BaseSSLError) as exc:
-                _raise_if_timeout(exc, self, url, conn.timeout)
-                raise
-        except (BaseSSLError, CertificateError) as exc:
-            raise SSLError(exc) from exc
+            conn.connect()
+        except ConnectTimeoutError:
+            raise
+        except (OSError, CertificateError, SSLError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+            raise TLSHandshakeError(exc, timed_out=_timed_out(exc)) from exc
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A socket timeout, or TLS's "would block" on a socket with a timeout."""
+    return isinstance(exc, socket.timeout) or getattr(exc, "errno", None) in _WOULD_BLOCK
 
 
 def _raise_if_timeout(exc: BaseException, pool: HTTPConnectionPool, url: str, seconds: Any) -> None:
-    """A socket timeout (or TLS's "would block") becomes urllib3's ReadTimeoutError, which its retries know."""
-    if isinstance(exc, socket.timeout) or getattr(exc, "errno", None) in _WOULD_BLOCK:
+    """A read timeout becomes urllib3's ReadTimeoutError, which its retries know."""
+    if _timed_out(exc):
         raise ReadTimeoutError(pool, url, f"Read timed out. (read timeout={seconds})") from exc
 
 

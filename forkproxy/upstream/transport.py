@@ -79,28 +79,20 @@ class Transport:
         while True:
             try:
                 reply = self._attempt(base, ureq, headers, retries, timeout, upgrade)
-            except Failover as move:  # the policy allows another attempt
-                error, response, next_retries = move.error, move.response, move.retry
-            except MaxRetryError as exc:  # the policy's attempts are spent
-                error, response, next_retries = exc.reason, None, None
-            except (urllib3.exceptions.HTTPError, HTTPException, OSError) as exc:
-                route.failed(_why(exc))
-                route.done()
-                raise head_error(exc, base) from exc
+            except BaseException as exc:
+                error, response, next_retries = _ending(exc)
+                _settle(route, error, response)
+                if response is None and not isinstance(error, _UPSTREAM_FAILURES):
+                    raise  # not the upstream's doing (a bug, the worker stopping): the route is settled all the same
             else:
                 route.answered(reply.status)
                 reply.on_release = route.done
                 return reply
-            if response is not None:
-                route.answered(response.status)  # a failure to health only if in fail_on_status
-            else:
-                route.failed(_why(error))
-            route.done()
             sent_nothing = isinstance(error, ConnectTimeoutError) and route.can_fail_over()
             if sent_nothing:  # on to a member not tried yet, using no attempt and sleeping no backoff
                 retries.count.retries = len(retries.history)
             elif next_retries is None:
-                raise head_error(error, base)
+                raise head_error(error, base) from error
             else:
                 retries = next_retries
             try:
@@ -141,6 +133,33 @@ def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
     if ureq.body or ureq.method in _METHODS_WITH_BODY:
         headers["Content-Length"] = str(len(ureq.body))
     return headers
+
+
+_UPSTREAM_FAILURES = (urllib3.exceptions.HTTPError, HTTPException, OSError)
+
+
+def _ending(exc: BaseException) -> tuple[BaseException | None, UpstreamReply | None, urllib3.Retry | None]:
+    """What an attempt raised, as (its error, the upstream's reply, the Retry for another attempt)."""
+    if isinstance(exc, Failover):  # the policy allows another attempt
+        return exc.error, exc.response, exc.retry
+    if isinstance(exc, MaxRetryError):  # the policy's attempts are spent
+        return exc.reason, None, None
+    return exc, None, None
+
+
+def _settle(route: FixedRoute | PoolRoute, error: BaseException | None, response: UpstreamReply | None) -> None:
+    """An attempt that hands no reply on is over: health hears how it went, and it is no longer in flight.
+
+    The one place every such attempt ends, whatever it raised, so that no
+    member is left with a request in flight or a trial that never settles.
+    """
+    try:
+        if response is not None:
+            route.answered(response.status)  # a failure to health only if in fail_on_status
+        else:
+            route.failed(_why(error))
+    finally:
+        route.done()
 
 
 def _why(error: BaseException | None) -> str:

@@ -1,12 +1,15 @@
 """Real upstream servers on 127.0.0.1 for the tests.
 
 ``Upstream`` is a threaded HTTP/1.1 server whose routes each test registers
-(and which records every request it got); ``RawServer`` hands each accepted
-socket to a function, for upstreams that misbehave on purpose.
+(and which records every request it got), also behind TLS (``behind_tls``);
+``RawServer`` hands each accepted socket to a function, for upstreams that
+misbehave on purpose; ``Scripted`` answers requests in turn as a script says.
 """
 from __future__ import annotations
 
 import socket
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -182,11 +185,43 @@ class Upstream:
         """Die as a crashed server does: no new connections, and the open ones reset."""
         self.close()
         for conn in list(self.connections):
-            try:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            reset(conn)
+
+
+def reset(conn: socket.socket) -> None:
+    """Reset a connection (RST, not FIN), as a crashed peer does."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _TLSHandler(Handler):
+    def setup(self) -> None:
+        self.request.do_handshake()  # in this connection's thread: a peer that sends nothing stalls only it
+        super().setup()
+
+
+class _TLSServer(Server):
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a handshake the client broke off is no server error
+            super().handle_error(request, client_address)
+
+
+def behind_tls(upstream: Upstream, cert) -> Server:
+    """A second listener for ``upstream``'s routes, speaking TLS with ``cert`` (a trustme cert).
+
+    Its address is ``.url`` (https); stop it with ``shutdown()`` and ``server_close()``.
+    """
+    tls = _TLSServer(("127.0.0.1", 0), _TLSHandler)
+    tls.upstream = upstream
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(context)
+    tls.socket = context.wrap_socket(tls.socket, server_side=True, do_handshake_on_connect=False)
+    tls.url = f"https://127.0.0.1:{tls.server_address[1]}"
+    threading.Thread(target=tls.serve_forever, daemon=True).start()
+    return tls
 
 
 class RawServer:
@@ -224,6 +259,30 @@ class RawServer:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+
+
+class Scripted(RawServer):
+    """A keep-alive upstream that answers each request head it reads, in arrival order, as ``script`` says.
+
+    An int answers with that status (and a 2-byte body); ``"close"`` closes the
+    connection unanswered. Once the script is spent every request gets 200.
+    ``got`` counts the heads read. For requests without a body only.
+    """
+
+    def __init__(self, script: list[int | str]) -> None:
+        self.script = list(script)
+        self.got = 0
+        self._lock = threading.Lock()
+        super().__init__(self._serve)
+
+    def _serve(self, conn: socket.socket) -> None:
+        while read_request_head(conn):
+            with self._lock:
+                self.got += 1
+                action = self.script.pop(0) if self.script else 200
+            if action == "close":
+                return
+            conn.sendall(b"HTTP/1.1 %d Scripted\r\nContent-Length: 2\r\n\r\nok" % action)
 
 
 @contextmanager
