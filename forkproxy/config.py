@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 from typing import Any, Callable, Mapping
 
 from .headers import TOKEN_RE
+from .limits import paths as store_paths
 from .upstream.members import UpstreamPool, parse_base_url
 
 MiB = 1024 * 1024
@@ -105,9 +106,13 @@ def _protocols(name: str, value: Any) -> tuple[str, ...]:
 
 
 def _limits_store(name: str, value: Any) -> str:
-    """``local``, ``local:PATH`` or a redis:// / rediss:// URL with a host."""
+    """``local``, ``local:PATH`` (whose file only this user may write) or a redis:// / rediss:// URL with a host."""
     text = str(value).strip()
     if text == "local" or (text.startswith("local:") and len(text) > len("local:")):
+        try:
+            store_paths.check(store_paths.store_path(text))
+        except store_paths.UnsafeStorePath as exc:
+            raise ConfigError(f"{name}: {exc}") from None
         return text
     parts = urlsplit(text)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
@@ -169,7 +174,10 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(settings) - set(DEFAULTS) - {"upstream"}
     if unknown:
         raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}; valid: {', '.join(sorted(DEFAULTS))}")
-    return {name: check_setting(name, value) for name, value in settings.items()}
+    checked = {name: check_setting(name, value) for name, value in settings.items()}
+    if "limits_store" not in checked:  # the default names a file too: checked the same, at start
+        checked["limits_store"] = check_setting("limits_store", DEFAULTS["limits_store"])
+    return checked
 
 
 # FORKPROXY_* variable -> setting name; the retry ones feed the app's policy.

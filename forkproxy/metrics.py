@@ -40,7 +40,10 @@ class Metrics:
         self.rate_limited = Counter("forkproxy_rate_limited_total", "Requests refused by a rate limit, by its name "
                                     "(the key's prefix up to ':')", ["limit"])
         self.limits_store_errors = Counter("forkproxy_limits_store_errors_total",
-                                           "Calls to the limits store that failed (down, slow, refused)")
+                                           "Calls to the limits store that failed (down, slow, refused, full)")
+        self.limits_charges_dropped = Counter("forkproxy_limits_charges_dropped_total",
+                                              "Charges by key that found no limit of that key in the store, by "
+                                              "the key's prefix up to ':'", ["limit"])
         # Health is kept per worker: a member is up here only while every worker sees it up.
         self.upstream_up = Gauge("forkproxy_upstream_up", "1 while the pool member is live (in every worker)",
                                  ["upstream"], multiprocess_mode="min")

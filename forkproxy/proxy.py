@@ -20,7 +20,7 @@ from . import handshake, headers as header_rules
 from .buffered import read_body
 from .config import DEFAULTS, check_settings
 from .errors import BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError
-from .limits.gcra import Limit
+from .limits.gcra import Limit, charge_amount
 from .limits.limiter import Limiter
 from .hooks import call
 from .inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
@@ -108,10 +108,11 @@ class Proxy:
         """The limits this request counts against, taken together after ``before_forward``."""
         return []
 
-    def charge(self, key: str, amount: float) -> None:
-        """Take ``amount`` from ``key``'s limit after the fact (tokens a reply used); the budget may go below zero."""
-        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not amount >= 0:
-            raise ValueError(f"charge amount must be a number of at least 0: {amount!r}")
+    def charge(self, key: "str | bytes | Limit", amount: float) -> None:
+        """Take ``amount`` from ``key``'s limits, or from the ``Limit`` given, after the fact (may go below zero)."""
+        if not isinstance(key, (str, bytes, Limit)):
+            raise ValueError(f"charge takes a str or bytes key or a Limit, not {type(key).__name__}")
+        amount = charge_amount(amount)
         if amount:
             self.limiter.charge(key, amount)
 
@@ -215,8 +216,8 @@ class Proxy:
     def _fail(self, req: Request, res: Response, ures: UpstreamResponse, err: ProxyError) -> None:
         if isinstance(err, HookError) and err.__cause__ is not None:
             log.error("%s: %s", describe(req), err.message, exc_info=err.__cause__)
-        else:
-            log.warning("%s -> %d %s: %s", describe(req), err.status, err.type, err.message)
+        else:  # the client's message names no address or OS error: the log line has them
+            log.warning("%s -> %d %s: %s%s", describe(req), err.status, err.type, err.message, _detail(err, ures))
         ures.error = err
         error = Response.from_error(err)
         res.status, res.headers, res.body = error.status, error.headers, error.body
@@ -328,6 +329,15 @@ class Proxy:
         pairs.append((REQUEST_ID_HEADER, req.request_id))
         pairs += req.rate_limit_headers
         return pairs
+
+
+def _detail(err: ProxyError, ures: UpstreamResponse) -> str:
+    """For the log: the member tried last and what the failure raised underneath, when there is one."""
+    cause = err.__cause__
+    if cause is None:
+        return ""
+    where = f"{ures.upstream}: " if ures.upstream else ""
+    return f" ({where}{type(cause).__name__}: {cause})"
 
 
 def _json_headers(body: bytes) -> list[tuple[str, str]]:

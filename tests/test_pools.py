@@ -305,6 +305,8 @@ def test_a_tls_handshake_that_times_out_is_a_504_connect_timeout_saying_tls():
         message = reply.json()["error"]["message"]
         assert "TLS" in message and "response head" not in message
         assert "127.0.0.1" not in message
+        g.wait_for_log(r"POST /x -> 504 upstream_timeout: TLS handshake with the upstream timed out "
+                       r"\(https://127\.0\.0\.1:\d+: \w+")  # the log names the member and the failure
 
 
 # -- the resend on a fresh connection, after a reused one closed unanswered, is part of the attempt ---------------

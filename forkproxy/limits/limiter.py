@@ -1,48 +1,49 @@
-"""A request's limits against the store: hashed keys, one call per request, outages handled.
+"""A request's limits against the store: one call per request, outages handled, charges never lost silently.
 
-Keys are hashed (BLAKE2b, 128 bits) before they reach the store or a log
+Keys are hashed (``gcra.key_digest``) before they reach the store or a log
 line: they are often API keys. What may be shown of one is its prefix up to
 the first ``:`` (``Limit.name``). A store that fails (down, slower than
 ``limits_timeout``, refusing scripts) never fails a request unless
 ``limits_fail_open`` is False: the request goes through uncounted, the
 store is left alone for a second (so an outage adds no latency to the
 requests behind it), and the outage is logged once when it starts and once
-when the store answers again.
+when the store answers again. A local store full of live limits is no
+outage: only the request with a new limit goes uncounted (or gets 503), the
+store is asked again by the next one, and it is logged once a minute.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 from ..errors import LimitsUnavailable, RateLimited
 from ..metrics import metrics
-from .gcra import Decision, Limit, headers, retry_after_seconds
-from .local import LocalStore
+from .gcra import Decision, Limit, headers, retry_after_seconds, showable_prefix
+from .local import LocalStore, StoreFull
+from .paths import store_path
 from .redis_store import RedisStore
 
 log = logging.getLogger("forkproxy")
 
 _REST_AFTER_FAILURE = 1.0  # seconds the store is not asked after it failed
-_KNOWN = 65536  # keys whose hash and interval this process remembers (then it starts over)
+_FULL_LOG_EVERY = 60.0  # seconds between log lines about a full store
+T = TypeVar("T")
 
 
 class Store(Protocol):
-    def take(self, ids: Sequence[str], limits: Sequence[Limit]) -> Decision: ...
+    def take(self, limits: Sequence[Limit]) -> Decision: ...
 
-    def charge(self, id_: str, interval: float | None, amount: float) -> None: ...
+    def charge(self, limit: Limit, amount: float) -> None: ...
+
+    def charge_key(self, key: "str | bytes", amount: float) -> int: ...
 
 
 def open_store(spec: str, timeout: float) -> Store:
     """``local``, ``local:PATH``, or a ``redis://`` / ``rediss://`` URL (checked by config)."""
     if spec == "local" or spec.startswith("local:"):
-        return LocalStore(spec[len("local:"):] or None, timeout)
+        return LocalStore(store_path(spec), timeout)
     return RedisStore(spec, timeout)
-
-
-def hashed(key: str) -> str:
-    return "fpl:" + hashlib.blake2b(key.encode("utf-8"), digest_size=16).hexdigest()
 
 
 class Limiter:
@@ -53,52 +54,57 @@ class Limiter:
         self._resting_until = 0.0
         self._outage_since: float | None = None  # while the store is failing
         self._uncounted = 0
-        self._ids: dict[str, str] = {}  # key -> hashed id, for the keys seen lately
-        self._intervals: dict[str, float] = {}  # hashed id -> emission interval, for charges
+        self._full_logged = -_FULL_LOG_EVERY
 
     def take(self, limits: Sequence[Limit]) -> list[tuple[str, str]]:
-        """Take every limit's cost or none; the rate-limit headers for the reply. Raises RateLimited, LimitsUnavailable."""
-        ids = [self._id(limit) for limit in limits]
-        decision = self._ask(self.store.take, ids, limits)
+        """Take every limit's cost or none; the headers for the reply. Raises RateLimited, LimitsUnavailable."""
+        decision = self._ask(self.store.take, limits)
+        if decision is not None and decision.allowed:
+            return headers(limits, decision)
+        pairs = [] if decision is None else headers(limits, decision)
+        over = next((limit for limit in limits if limit.over_burst), None)
+        if over is not None:  # refused whatever the store said, or if it said nothing
+            raise _refusal(over, f"a cost of {over.cost:g} is over its burst of {over.burst:g}, so this request "
+                           "can never pass", pairs)
         if decision is None:
-            return []
-        pairs = headers(limits, decision)
-        if decision.allowed:
-            return pairs
+            if self.fail_open:
+                return pairs
+            raise LimitsUnavailable("rate limits cannot be checked now (the limits store is unavailable)")
         wait = retry_after_seconds(decision)
-        refused = [limit for limit, ahead in zip(limits, decision.ahead)
-                   if ahead + limit.cost * limit.interval - limit.tolerance > 0]
-        limit = refused[0] if refused else limits[0]
-        counters = metrics()
-        if counters.enabled:
-            counters.rate_limited.labels(limit.name).inc()
-        raise RateLimited(f"rate limit {limit.name!r} exceeded ({limit.rate:g} per {limit.per:g} s); "
-                          f"retry in {wait} s", [("Retry-After", str(wait)), *pairs])
+        limit = next((limit for limit, ahead in zip(limits, decision.ahead)
+                      if ahead + limit.step - limit.reach > 0), limits[0])
+        raise _refusal(limit, f"exceeded ({limit.rate:g} per {limit.per:g} s); retry in {wait} s",
+                       [("Retry-After", str(wait)), *pairs])
 
-    def charge(self, key: str, amount: float) -> None:
-        """Take ``amount`` from ``key``'s limit after the fact; a store failure is logged, never raised."""
-        id_ = hashed(key)
-        self._ask(self.store.charge, id_, self._intervals.get(id_), amount, refuse=False)
+    def charge(self, target: "Limit | str | bytes", amount: float) -> None:
+        """Take ``amount`` from a limit, or from every live limit of a key, after the fact.
 
-    def _id(self, limit: Limit) -> str:
-        """The key's hash, remembered with the limit's interval (for charges) for the keys seen lately."""
-        known = self._ids.get(limit.key)
-        if known is None or self._intervals.get(known) != limit.interval:
-            if len(self._ids) >= _KNOWN:
-                self._ids.clear()
-                self._intervals.clear()
-            known = self._ids[limit.key] = hashed(limit.key)
-            self._intervals[known] = limit.interval
-        return known
+        A store failure is logged, never raised; a key with no limit in the
+        store is logged (its prefix) and counted as a dropped charge.
+        """
+        if isinstance(target, Limit):
+            self._ask(self.store.charge, target, amount)
+            return
+        found = self._ask(self.store.charge_key, target, amount)
+        if found == 0:
+            name = showable_prefix(target)
+            log.warning("charge of %g to a %r key dropped: no limit of that key in the limits store (never "
+                        "limited, or not for longer than its per)", amount, name)
+            counters = metrics()
+            if counters.enabled:
+                counters.limits_charges_dropped.labels(name).inc()
 
-    def _ask(self, call, *args, refuse: bool = True):
+    def _ask(self, call: Callable[..., T], *args: object) -> T | None:
+        """The store's answer, or None when it failed (logged and counted here)."""
         if self._resting_until and time.monotonic() < self._resting_until:
-            return self._failed(None, refuse)
+            return self._failed(None)
         try:
             result = call(*args)
+        except StoreFull as exc:  # this request's new limit has no room: no outage, the next request asks again
+            return self._full(exc)
         except Exception as exc:  # down, timed out, refused the script, locked: all the same to a request
             self._resting_until = time.monotonic() + _REST_AFTER_FAILURE
-            return self._failed(exc, refuse)
+            return self._failed(exc)
         since = self._outage_since
         if since is not None:
             log.warning("limits store %s answers again after %.1f s; %d requests went %s meanwhile", self.spec,
@@ -106,16 +112,38 @@ class Limiter:
             self._outage_since, self._uncounted = None, 0
         return result
 
-    def _failed(self, exc: Exception | None, refuse: bool):
-        counters = metrics()
-        if counters.enabled and exc is not None:
-            counters.limits_store_errors.inc()
+    def _failed(self, exc: Exception | None) -> None:
+        _count_store_error(exc)
         if self._outage_since is None:
             why = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
             self._outage_since = time.monotonic()
-            log.error("limits store %s failed (%s); requests go %s until it answers", self.spec, why,
-                      "through uncounted" if self.fail_open else "refused with 503")
+            log.error("limits store %s failed (%s); requests go %s until it answers", self.spec, why, self._going)
         self._uncounted += 1
-        if refuse and not self.fail_open:
-            raise LimitsUnavailable("rate limits cannot be checked now (the limits store is unavailable)")
         return None
+
+    def _full(self, exc: StoreFull) -> None:
+        _count_store_error(exc)
+        now = time.monotonic()
+        if now - self._full_logged >= _FULL_LOG_EVERY:
+            self._full_logged = now
+            log.error("limits store %s is full (%s): requests with a new key go %s until keys expire; "
+                      "stored keys stay limited", self.spec, exc, self._going)
+        return None
+
+    @property
+    def _going(self) -> str:
+        return "through uncounted" if self.fail_open else "refused with 503"
+
+
+def _refusal(limit: Limit, why: str, pairs: list[tuple[str, str]]) -> RateLimited:
+    """The 429 naming ``limit`` (its prefix only), counted in the metrics."""
+    counters = metrics()
+    if counters.enabled:
+        counters.rate_limited.labels(limit.name).inc()
+    return RateLimited(f"rate limit {limit.name!r} {why}", pairs)
+
+
+def _count_store_error(exc: Exception | None) -> None:
+    counters = metrics()
+    if counters.enabled and exc is not None:
+        counters.limits_store_errors.inc()

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from forkproxy.limits.local import default_path
+from forkproxy.limits.paths import default_path
 from scripts.benchkit.pools import cpu_per_small_get_of
 from scripts.benchkit.run import LOAD_CPU, Target, alternating_args, free_port, pin, static_upstream, wrk
 
@@ -43,15 +43,13 @@ def start_redis() -> tuple[subprocess.Popen, str]:
 def script_round_trip_us(url: str, count: int = 2000) -> float:
     """Median wall time of the store's one call (EVALSHA of the limits script), from a plain client."""
     from forkproxy import Limit
-    from forkproxy.limits.limiter import hashed
     from forkproxy.limits.redis_store import RedisStore
 
     store, limit = RedisStore(url, 1.0), Limit("rpm:probe", rate=1e9, per=60)
-    ids = [hashed(limit.key)]
     times = []
     for _ in range(count):
         started = time.perf_counter()
-        store.take(ids, [limit])
+        store.take([limit])
         times.append((time.perf_counter() - started) * 1e6)
     return statistics.median(times)
 
