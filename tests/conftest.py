@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.gunicorn import Gunicorn
+from tests.support.redis import BINARY as REDIS, RedisServer
 from tests.support.servers import Upstream
 
 
@@ -82,3 +83,13 @@ def streams_factory(upstream, recorded_gateways):
 def streams(streams_factory):
     """The streaming test gateway: idle timeout 2 s, events up to 64 KiB."""
     return streams_factory(TEST_IDLE="2", TEST_MAX_EVENT="65536", TEST_MAX_RESPONSE="1000")
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A real redis-server on a free port, stopped with the module."""
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer()
+    yield server
+    server.close()

@@ -41,15 +41,6 @@ def local(start):
     return start(workers=2)
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    server = RedisServer()
-    yield server
-    server.close()
-
-
 def fire(urls: list[str], count: int, headers: dict, path: str = "/limited") -> list:
     """``count`` requests at once, each on a new connection, spread over ``urls``."""
     with ThreadPoolExecutor(max_workers=32) as pool:

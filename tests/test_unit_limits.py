@@ -18,7 +18,7 @@ from forkproxy.limits.gcra import (HORIZON, MAX_CHARGE, charge_amount, charged, 
                                    retry_after_seconds)
 from forkproxy.limits.limiter import Limiter
 from forkproxy.limits.local import LocalStore, StoreFull
-from tests.support.redis import BINARY as REDIS, RedisServer
+
 
 NOW = 1_000_000.0
 
@@ -182,15 +182,6 @@ def test_a_cost_over_the_burst_can_never_pass():
 
 
 # -- the stores, in this process: the same rules for local and Redis ---------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    server = RedisServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture(params=["local", "redis"])
