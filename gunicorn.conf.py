@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 
-from forkproxy.accesslog import AccessLogger, JsonAccessLogger
+from forkproxy.server.accesslog import AccessLogger, JsonAccessLogger
 
 bind = os.environ.get("FORKPROXY_BIND", "127.0.0.1:8080")
 
@@ -93,6 +93,6 @@ def on_exit(server):
 
 def post_worker_init(worker):
     """In the worker, after gevent patched it: hand gunicorn's settings to forkproxy."""
-    from forkproxy.serving import configure_worker
+    from forkproxy.server.worker import configure_worker
 
     configure_worker(worker)

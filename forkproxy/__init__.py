@@ -3,7 +3,7 @@
 Serve it with gunicorn's gevent workers: ``gunicorn -c gunicorn.conf.py forkproxy.app``.
 
 The names below are imported on first use, so that the gunicorn master can
-load ``forkproxy.accesslog`` without urllib3 or gevent, which a gevent
+load ``forkproxy.server.accesslog`` without urllib3 or gevent, which a gevent
 worker must import only after it has patched the standard library.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ _HOMES = {
     "messages": ("MessageWriter", "Request", "Response", "StreamStats", "StreamWriter", "TunnelStats", "UpstreamRequest",
                  "UpstreamResponse", "WebSocketMessage"),
     "proxy": ("HOOK_NAMES", "Proxy"),
-    "retry": ("IDEMPOTENT_METHODS", "RetryPolicy"),
-    "trust": ("TrustedProxies",),
+    "upstream.retry": ("IDEMPOTENT_METHODS", "RetryPolicy"),
+    "server.trust": ("TrustedProxies",),
     "upstream.members": ("Upstream", "UpstreamPool"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
@@ -45,14 +45,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .config import ConfigError
-    from .errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, LimitsUnavailable, NoLiveUpstream,
-                         PayloadTooLarge, ProxyError, RateLimited, UpgradeNotSupported, UpstreamBodyTooLarge,
-                         UpstreamTimeout, UpstreamUnreachable)
-    from .limits.gcra import Limit
-    from .messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
-                           UpstreamResponse, WebSocketMessage)
-    from .proxy import HOOK_NAMES, Proxy
-    from .retry import IDEMPOTENT_METHODS, RetryPolicy
-    from .trust import TrustedProxies
-    from .upstream.members import Upstream, UpstreamPool
+    from forkproxy.config import ConfigError
+    from forkproxy.errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, LimitsUnavailable, NoLiveUpstream,
+                                  PayloadTooLarge, ProxyError, RateLimited, UpgradeNotSupported, UpstreamBodyTooLarge,
+                                  UpstreamTimeout, UpstreamUnreachable)
+    from forkproxy.limits.gcra import Limit
+    from forkproxy.messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
+                                    UpstreamResponse, WebSocketMessage)
+    from forkproxy.proxy import HOOK_NAMES, Proxy
+    from forkproxy.upstream.retry import IDEMPOTENT_METHODS, RetryPolicy
+    from forkproxy.server.trust import TrustedProxies
+    from forkproxy.upstream.members import Upstream, UpstreamPool

@@ -5,8 +5,8 @@ missing or bad variable stops the worker with one line naming it.
 """
 import sys
 
-from .config import ConfigError
-from .envproxy import from_env
+from forkproxy.config import ConfigError
+from forkproxy.envproxy import from_env
 
 try:
     application = from_env()

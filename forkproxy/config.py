@@ -5,9 +5,9 @@ import os
 from urllib.parse import urlsplit
 from typing import Any, Callable, Mapping
 
-from .headers import TOKEN_RE
-from .limits import paths as store_paths
-from .upstream.members import UpstreamPool, parse_base_url
+from forkproxy.http.headers import TOKEN_RE
+from forkproxy.limits import paths as store_paths
+from forkproxy.upstream.members import UpstreamPool, parse_base_url
 
 MiB = 1024 * 1024
 

@@ -5,10 +5,10 @@ import functools
 import os
 from typing import Mapping
 
-from .config import retry_from_env, settings_from_env
-from .messages import Request
-from .proxy import Proxy
-from .retry import IDEMPOTENT_METHODS, RetryPolicy
+from forkproxy.config import retry_from_env, settings_from_env
+from forkproxy.messages import Request
+from forkproxy.proxy import Proxy
+from forkproxy.upstream.retry import IDEMPOTENT_METHODS, RetryPolicy
 
 
 class EnvProxy(Proxy):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from .errors import HookError, ProxyError
+from forkproxy.errors import HookError, ProxyError
 
 log = logging.getLogger("forkproxy")
 

@@ -7,7 +7,7 @@ from urllib.parse import unquote
 
 from urllib3 import HTTPHeaderDict
 
-from .errors import ProxyError
+from forkproxy.errors import ProxyError
 
 
 def _as_bytes(data: bytes | str) -> bytes:

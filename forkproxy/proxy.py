@@ -16,25 +16,26 @@ from typing import Any, Callable, Iterable
 
 import urllib3
 
-from . import handshake, headers as header_rules
-from .buffered import read_body
-from .config import DEFAULTS, check_settings
-from .errors import BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError
-from .limits.gcra import Limit, charge_amount
-from .limits.limiter import Limiter
-from .hooks import call
-from .inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
-from .metrics import metrics
-from .messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
-                       UpstreamResponse, WebSocketMessage, describe)
-from .retry import RetryPolicy
-from .serving import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS, ENV_UPSTREAM_TIME,
-                      close_connection_after, default_trusted)
-from .streaming import StreamRelay, is_event_stream
-from .trust import TrustedProxies
-from .tunnel import Tunnel, client_socket
-from .upstream.members import BaseURL, FixedRoute, PoolRoute, UpstreamPool, fixed_route
-from .upstream.transport import Transport
+from forkproxy.http import handshake
+from forkproxy.http import headers as header_rules
+from forkproxy.relay.buffered import read_body
+from forkproxy.config import DEFAULTS, check_settings
+from forkproxy.errors import BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError
+from forkproxy.limits.gcra import Limit, charge_amount
+from forkproxy.limits.limiter import Limiter
+from forkproxy.hooks import call
+from forkproxy.server.inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
+from forkproxy.metrics import metrics
+from forkproxy.messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
+                                UpstreamResponse, WebSocketMessage, describe)
+from forkproxy.upstream.retry import RetryPolicy
+from forkproxy.server.worker import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS, ENV_UPSTREAM_TIME,
+                                     close_connection_after, default_trusted)
+from forkproxy.relay.stream import StreamRelay, is_event_stream
+from forkproxy.server.trust import TrustedProxies
+from forkproxy.relay.tunnel import Tunnel, client_socket
+from forkproxy.upstream.members import BaseURL, FixedRoute, PoolRoute, UpstreamPool, fixed_route
+from forkproxy.upstream.attempts import Transport
 
 log = logging.getLogger("forkproxy")
 

@@ -11,7 +11,7 @@ def test_loading_the_config_imports_no_gevent_urllib3_or_proxy():
         "import json, sys, runpy\n"
         f"cfg = runpy.run_path({str(CONF)!r})\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('forkproxy', 'gevent', 'urllib3')"
-        " and m not in ('forkproxy', 'forkproxy.accesslog'))\n"
+        " and m not in ('forkproxy', 'forkproxy.server', 'forkproxy.server.accesslog'))\n"
         "print(json.dumps({'bad': bad, 'worker_class': cfg['worker_class'], 'workers': cfg['workers'],"
         " 'worker_connections': cfg['worker_connections']}))\n"
     )

@@ -101,7 +101,7 @@ def test_a_transfer_coding_forkproxy_cannot_undo_or_an_unsolicited_101_is_502(ga
 
 def test_a_write_the_kernel_takes_only_part_of_is_finished_in_order():
     """The upstream write's one-``send`` shortcut: a full send buffer leaves a remainder, sent after it."""
-    from forkproxy.upstream.exchange import _write_all
+    from forkproxy.upstream.connections import _write_all
 
     ours, theirs = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)

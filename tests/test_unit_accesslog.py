@@ -8,7 +8,7 @@ import pytest
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
 
-from forkproxy.accesslog import AccessLogger, Atoms, JsonAccessLogger
+from forkproxy.server.accesslog import AccessLogger, Atoms, JsonAccessLogger
 
 EVERY_ATOM = ('%(h)s %(l)s %(u)s "%(r)s" %(s)s %(m)s %(U)s %(q)s %(H)s %(b)s %(B)s "%(f)s" "%(a)s" %(T)s %(D)s '
               '%(M)s %(L)s %(p)s %({x-api-key}i)s %({X-Trace}o)s %({forkproxy.request_id}e)s %({HTTP_HOST}e)s '

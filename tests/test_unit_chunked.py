@@ -1,7 +1,7 @@
 """The chunked decoder, without sockets: every split, and every way to break it."""
 import pytest
 
-from forkproxy.chunked import ChunkError, Dechunker
+from forkproxy.http.chunked import ChunkError, Dechunker
 
 BODY = b"5\r\nhello\r\n1;ext=1\r\n \r\nB \r\nhello world\r\n0\r\nX-Trailer: t\r\n\r\n"
 CHUNKS = [b"hello", b" ", b"hello world"]

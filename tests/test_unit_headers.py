@@ -3,9 +3,9 @@ import pytest
 from urllib3 import HTTPHeaderDict
 
 from forkproxy import Proxy
-from forkproxy import headers as header_rules
-from forkproxy.headers import (client_response_headers, connection_named, fields, first_forbidden, header_dict,
-                               upstream_request_headers, wants_upgrade)
+from forkproxy.http import headers as header_rules
+from forkproxy.http.headers import (client_response_headers, connection_named, fields, first_forbidden, header_dict,
+                                    upstream_request_headers, wants_upgrade)
 
 
 @pytest.mark.parametrize("name", ["Connection", "KEEP-ALIVE", "proxy-connection", "Transfer-Encoding", "upgrade",

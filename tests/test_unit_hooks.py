@@ -73,7 +73,7 @@ def test_a_bug_inside_forkproxy_is_still_a_json_500(caplog):
 
 def test_pools_for_many_upstream_origins_all_stay_open():
     from forkproxy.upstream.members import parse_base_url as parse_upstream
-    from forkproxy.upstream.transport import Transport
+    from forkproxy.upstream.attempts import Transport
     transport = Transport(pool_maxsize=4, ca_certs=None)
     pools = [transport.pool(parse_upstream(f"http://127.0.0.1:{10000 + i}")) for i in range(100)]
     assert all(pool.pool is not None for pool in pools)  # none closed behind a request's back

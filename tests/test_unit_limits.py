@@ -13,7 +13,8 @@ import pytest
 
 from forkproxy import Limit, Proxy
 from forkproxy.errors import LimitsUnavailable, RateLimited
-from forkproxy.limits import local, paths
+from forkproxy.limits import local
+from forkproxy.limits import paths
 from forkproxy.limits.gcra import (HORIZON, MAX_CHARGE, charge_amount, charged, current, decide, headers, key_digest,
                                    retry_after_seconds)
 from forkproxy.limits.limiter import Limiter

@@ -14,7 +14,7 @@ from forkproxy.upstream.balance import SmoothWeighted, least_busy
 from forkproxy.upstream.failures import TLSHandshakeError, head_error
 from forkproxy.upstream.health import Health, Rules
 from forkproxy.upstream.members import parse_base_url
-from forkproxy.upstream.transport import Transport
+from forkproxy.upstream.attempts import Transport
 
 
 def picks(order, n, candidates=None):

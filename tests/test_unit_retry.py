@@ -5,7 +5,7 @@ import pytest
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from forkproxy import RetryPolicy
-from forkproxy.retry import Failover, PolicyRetry
+from forkproxy.upstream.retry import Failover, PolicyRetry
 
 
 def test_defaults():

@@ -1,7 +1,7 @@
 """SSE framing, without sockets: every line-end style, any split."""
 import pytest
 
-from forkproxy.sse import EventFramer, EventTooLarge
+from forkproxy.http.sse import EventFramer, EventTooLarge
 
 STREAMS = {
     "lf": b"data: a\n\ndata: b\nid: 2\n\n",
@@ -101,7 +101,7 @@ def test_large_event_in_many_small_reads_is_linear_not_quadratic():
 
 
 def test_event_data_joins_data_lines_and_skips_other_fields():
-    from forkproxy.sse import event_data
+    from forkproxy.http.sse import event_data
     assert event_data(b"event: x\ndata: a\ndata:b\nid: 3\n\n") == b"a\nb"
     assert event_data(b"data: {\"k\": 1}\r\n\r\n") == b'{"k": 1}'
     assert event_data(b": keep-alive\n\n") is None

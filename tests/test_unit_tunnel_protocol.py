@@ -17,11 +17,11 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from forkproxy import handshake
+from forkproxy.http import handshake
 from forkproxy.errors import UpgradeNotSupported
 from forkproxy.messages import TunnelStats
-from forkproxy.wire import RequestHead, StatusLine, body_framing
-from forkproxy.wsrelay import MessageRelay
+from forkproxy.http.wire import RequestHead, StatusLine, body_framing
+from forkproxy.relay.wsmessages import MessageRelay
 
 
 def h(**fields) -> HTTPHeaderDict:

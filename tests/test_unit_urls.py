@@ -3,7 +3,7 @@ import pytest
 
 from forkproxy.errors import BadRequest
 from forkproxy.upstream.members import parse_base_url as parse_upstream
-from forkproxy.urls import target_path
+from forkproxy.http.targets import target_path
 
 
 @pytest.mark.parametrize("target, path", [

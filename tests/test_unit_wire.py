@@ -5,7 +5,7 @@ from http.client import BadStatusLine, HTTPException, LineTooLong, RemoteDisconn
 import pytest
 from urllib3 import HTTPHeaderDict
 
-from forkproxy.wire import RequestHead, StatusLine, body_framing, host_header, read_head
+from forkproxy.http.wire import RequestHead, StatusLine, body_framing, host_header, read_head
 
 
 def _reader(data: bytes, buffer: int = 2048) -> io.BufferedReader:

@@ -1,4 +1,4 @@
 """Rate limits and budgets: ``gcra`` (the algorithm, no I/O), the stores (``local``, ``redis_store``), ``limiter``."""
-from .gcra import Limit
+from forkproxy.limits.gcra import Limit
 
 __all__ = ["Limit"]

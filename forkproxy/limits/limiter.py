@@ -17,12 +17,12 @@ import logging
 import time
 from typing import Callable, Protocol, Sequence, TypeVar
 
-from ..errors import LimitsUnavailable, RateLimited
-from ..metrics import metrics
-from .gcra import Decision, Limit, headers, retry_after_seconds, showable_prefix
-from .local import LocalStore, StoreFull
-from .paths import store_path
-from .redis_store import RedisStore
+from forkproxy.errors import LimitsUnavailable, RateLimited
+from forkproxy.metrics import metrics
+from forkproxy.limits.gcra import Decision, Limit, headers, retry_after_seconds, showable_prefix
+from forkproxy.limits.local import LocalStore, StoreFull
+from forkproxy.limits.paths import store_path
+from forkproxy.limits.redis_store import RedisStore
 
 log = logging.getLogger("forkproxy")
 

@@ -36,8 +36,8 @@ from typing import Sequence
 
 import lmdb
 
-from . import paths
-from .gcra import Decision, Limit, State, charged, decide, interval_of, key_digest, live
+from forkproxy.limits import paths
+from forkproxy.limits.gcra import Decision, Limit, State, charged, decide, interval_of, key_digest, live
 
 MAP_SIZE = 128 * 1024 * 1024  # sparse: memory is used only as records are written
 # Room counted per record: a full LMDB map of these records holds one per ~90-110 bytes

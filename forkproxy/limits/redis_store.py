@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from .gcra import HORIZON, Decision, Limit, key_digest
+from forkproxy.limits.gcra import HORIZON, Decision, Limit, key_digest
 
 # gcra.current, gcra.live's keep-until and the write of one limit, shared by both scripts.
 _PRELUDE = """

@@ -6,16 +6,16 @@ from ssl import SSLCertVerificationError
 from typing import Any
 
 from urllib3.exceptions import (
-    ConnectTimeoutError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-)
+                                ConnectTimeoutError,
+                                NewConnectionError,
+                                ProtocolError,
+                                ReadTimeoutError,
+                                SSLError,
+                                )
 from urllib3.util.ssl_match_hostname import CertificateError
 
-from ..errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
-from .members import BaseURL
+from forkproxy.errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from forkproxy.upstream.members import BaseURL
 
 
 class TLSHandshakeError(ConnectTimeoutError):

@@ -13,10 +13,10 @@ from typing import Collection, Iterable, NamedTuple
 
 from urllib3.util import parse_url
 
-from ..errors import NoLiveUpstream
-from ..metrics import metrics
-from .balance import SmoothWeighted, least_busy
-from .health import Health, Rules
+from forkproxy.errors import NoLiveUpstream
+from forkproxy.metrics import metrics
+from forkproxy.upstream.balance import SmoothWeighted, least_busy
+from forkproxy.upstream.health import Health, Rules
 
 log = logging.getLogger("forkproxy")
 

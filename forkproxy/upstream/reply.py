@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from urllib3 import HTTPHeaderDict
 
-from ..chunked import Dechunker
-from ..wire import Framing, StatusLine
+from forkproxy.http.chunked import Dechunker
+from forkproxy.http.wire import Framing, StatusLine
 
 if TYPE_CHECKING:
     from urllib3 import HTTPConnectionPool

@@ -32,7 +32,10 @@ OFF = "BENCH_ABLATE"  # set (to anything) in the worker: the work above is switc
 
 
 def _ablated():
-    from forkproxy import Proxy, headers, inbound, proxy
+    from forkproxy import Proxy
+    from forkproxy.http import headers
+    from forkproxy.server import inbound
+    from forkproxy import proxy
 
     if os.environ.get(OFF):
         proxy._check_upstream_request = lambda ureq: None

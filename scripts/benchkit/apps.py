@@ -27,8 +27,8 @@ def empty(environ, start_response):
 def _pool_floor():
     from urllib.parse import urlsplit
 
-    from forkproxy.upstream.exchange import ProxyPool
-    from forkproxy.wire import RequestHead
+    from forkproxy.upstream.connections import ProxyPool
+    from forkproxy.http.wire import RequestHead
 
     where = urlsplit(UPSTREAM)
     pool = ProxyPool(where.hostname, where.port, maxsize=256, block=False)

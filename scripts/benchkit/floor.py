@@ -61,8 +61,8 @@ class RawClient:
 
 
 def pool_exchange(port: int):
-    from forkproxy.upstream.exchange import ProxyPool
-    from forkproxy.wire import RequestHead
+    from forkproxy.upstream.connections import ProxyPool
+    from forkproxy.http.wire import RequestHead
 
     pool = ProxyPool("127.0.0.1", port, maxsize=4, block=False)
     retries, timeout = urllib3.Retry(0, read=False, redirect=False), urllib3.Timeout(connect=5, read=30)

@@ -8,10 +8,10 @@ from urllib.parse import quote
 
 from urllib3 import HTTPHeaderDict
 
-from .errors import BadRequest, PayloadTooLarge
-from .headers import header_dict
-from .messages import Request
-from .urls import target_path
+from forkproxy.errors import BadRequest, PayloadTooLarge
+from forkproxy.http.headers import header_dict
+from forkproxy.messages import Request
+from forkproxy.http.targets import target_path
 
 _READ_SIZE = 64 * 1024
 REQUEST_ID_HEADER = "X-Request-ID"

@@ -31,10 +31,10 @@ from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError, SSLError
 from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.timeout import Timeout
 
-from ..retry import IDEMPOTENT_METHODS
-from ..wire import RequestHead, body_framing, host_header, read_head
-from .failures import TLSHandshakeError
-from .reply import READ_BUFFER, UpstreamReply
+from forkproxy.upstream.retry import IDEMPOTENT_METHODS
+from forkproxy.http.wire import RequestHead, body_framing, host_header, read_head
+from forkproxy.upstream.failures import TLSHandshakeError
+from forkproxy.upstream.reply import READ_BUFFER, UpstreamReply
 
 _os_poll = get_original("select", "poll")
 # Smaller bodies go out in the same write as the head: one copy of the body costs less than

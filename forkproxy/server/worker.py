@@ -11,7 +11,7 @@ import socket
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, NamedTuple
 
-from .trust import TrustedProxies
+from forkproxy.server.trust import TrustedProxies
 
 # WSGI environ keys gunicorn's access log can print as %({key}e)s.
 ENV_UPSTREAM_STATUS = "forkproxy.upstream_status"
@@ -43,7 +43,7 @@ def configure_worker(worker: Any) -> None:
     file, flags, GUNICORN_CMD_ARGS), which the app cannot see otherwise.
     """
     global _server_trusted, _access_logger
-    from . import shutdown  # gevent: only in the worker, after it patched
+    from forkproxy.server import shutdown  # gevent: only in the worker, after it patched
 
     _server_trusted = TrustedProxies(worker.cfg.forwarded_allow_ips)
     _access_logger = worker.log

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import BadRequest
+from forkproxy.errors import BadRequest
 
 _ABSOLUTE_FORM = re.compile(r"^(https?)://[^/?#]*(.*)$", re.IGNORECASE | re.DOTALL)
 

@@ -33,7 +33,7 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, T
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 
-from .messages import MessageWriter, TunnelStats, WebSocketMessage
+from forkproxy.messages import MessageWriter, TunnelStats, WebSocketMessage
 
 MessageHook = Callable[[WebSocketMessage, MessageWriter, TunnelStats], None]
 _SENDING = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)  # states a close may still go out in

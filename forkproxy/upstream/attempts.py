@@ -11,15 +11,15 @@ from http.client import HTTPException
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 
-from .. import headers as header_rules
-from ..messages import UpstreamRequest
-from ..wire import RequestHead
-from .exchange import POOL_CLASSES, ProxyPool, ProxyTLSPool
-from .failures import head_error
-from ..errors import NoLiveUpstream
-from ..retry import Failover
-from .members import BaseURL, FixedRoute, PoolRoute
-from .reply import UpstreamReply
+from forkproxy.http import headers as header_rules
+from forkproxy.messages import UpstreamRequest
+from forkproxy.http.wire import RequestHead
+from forkproxy.upstream.connections import POOL_CLASSES, ProxyPool, ProxyTLSPool
+from forkproxy.upstream.failures import head_error
+from forkproxy.errors import NoLiveUpstream
+from forkproxy.upstream.retry import Failover
+from forkproxy.upstream.members import BaseURL, FixedRoute, PoolRoute
+from forkproxy.upstream.reply import UpstreamReply
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))

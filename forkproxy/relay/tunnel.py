@@ -37,18 +37,20 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.lock import Semaphore
 
-from . import handshake, hooks, shutdown
-from .errors import BadUpstreamResponse, UpgradeNotSupported
-from .inbound import REQUEST_ID_HEADER
-from .messages import Request, TunnelStats, describe
-from .metrics import metrics
-from .serving import ENV_BYTES_IN, log_access
-from .upstream.members import BaseURL
-from .upstream.reply import UpstreamReply
-from .wsrelay import MessageRelay
+from forkproxy.http import handshake
+from forkproxy import hooks
+from forkproxy.server import shutdown
+from forkproxy.errors import BadUpstreamResponse, UpgradeNotSupported
+from forkproxy.server.inbound import REQUEST_ID_HEADER
+from forkproxy.messages import Request, TunnelStats, describe
+from forkproxy.metrics import metrics
+from forkproxy.server.worker import ENV_BYTES_IN, log_access
+from forkproxy.upstream.members import BaseURL
+from forkproxy.upstream.reply import UpstreamReply
+from forkproxy.relay.wsmessages import MessageRelay
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
+    from forkproxy.proxy import Proxy
 
 log = logging.getLogger("forkproxy")
 

@@ -10,8 +10,8 @@ from http.client import HTTPException
 
 from urllib3 import HTTPHeaderDict
 
-from .errors import UpgradeNotSupported
-from .headers import client_response_headers, connection_named, getlist
+from forkproxy.errors import UpgradeNotSupported
+from forkproxy.http.headers import client_response_headers, connection_named, getlist
 
 WEBSOCKET = "websocket"
 # The one extension message hooks can undo (wsproto implements it); others are not offered then.

@@ -19,18 +19,20 @@ import urllib3
 from urllib3.exceptions import DecodeError
 from urllib3.response import BaseHTTPResponse, MultiDecoder
 
-from . import headers as header_rules, hooks, shutdown
-from .errors import BadUpstreamResponse
-from .inbound import REQUEST_ID_HEADER
-from .messages import Request, StreamStats, StreamWriter, describe
-from .metrics import metrics
-from .sse import EventFramer, EventTooLarge
-from .upstream.failures import body_error
-from .upstream.members import BaseURL
-from .upstream.reply import UpstreamReply
+from forkproxy.http import headers as header_rules
+from forkproxy import hooks
+from forkproxy.server import shutdown
+from forkproxy.errors import BadUpstreamResponse
+from forkproxy.server.inbound import REQUEST_ID_HEADER
+from forkproxy.messages import Request, StreamStats, StreamWriter, describe
+from forkproxy.metrics import metrics
+from forkproxy.http.sse import EventFramer, EventTooLarge
+from forkproxy.upstream.failures import body_error
+from forkproxy.upstream.members import BaseURL
+from forkproxy.upstream.reply import UpstreamReply
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
+    from forkproxy.proxy import Proxy
 
 log = logging.getLogger("forkproxy")
 

@@ -1,10 +1,10 @@
 """The buffered path: read a whole upstream body, never more than the cap."""
 from __future__ import annotations
 
-from .errors import ProxyError, UpstreamBodyTooLarge
-from .upstream.failures import body_error
-from .upstream.members import BaseURL
-from .upstream.reply import UpstreamReply
+from forkproxy.errors import ProxyError, UpstreamBodyTooLarge
+from forkproxy.upstream.failures import body_error
+from forkproxy.upstream.members import BaseURL
+from forkproxy.upstream.reply import UpstreamReply
 
 
 def read_body(reply: UpstreamReply, cap: int, upstream: BaseURL) -> bytes:

@@ -20,8 +20,8 @@ from typing import BinaryIO, NamedTuple
 
 from urllib3 import HTTPHeaderDict
 
-from .handshake import check_switch
-from .headers import TOKEN, TOKEN_RE, connection_named, header_dict, getlist as header_getlist, lines as header_lines
+from forkproxy.http.handshake import check_switch
+from forkproxy.http.headers import TOKEN, TOKEN_RE, connection_named, header_dict, getlist as header_getlist, lines as header_lines
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
