@@ -3,16 +3,25 @@
 Plain gunicorn config; anything here can still be overridden by flags or
 GUNICORN_CMD_ARGS. This file runs in the master, and each gevent worker must
 patch the standard library before gevent, urllib3 or the proxy is imported:
-of forkproxy only the access logger is loaded here, and it imports neither.
+of forkproxy only the settings' records and the access logger are loaded
+here, and they import neither.
 """
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 
+from forkproxy.config import SERVER, ConfigError, defaults, env_settings
 from forkproxy.server.accesslog import AccessLogger, JsonAccessLogger
 
-bind = os.environ.get("FORKPROXY_BIND", "127.0.0.1:8080")
+# The FORKPROXY_* variables of this file: their defaults and checks are forkproxy.config's records.
+try:
+    _given = {**defaults(SERVER), **env_settings(os.environ, SERVER)}
+except ConfigError as exc:
+    sys.exit(f"forkproxy: {exc}")  # one line; gunicorn stops before it starts anything
+
+bind = _given["bind"]
 
 # One process per core; each runs one greenlet per request, so the CPU, not
 # the number of open requests, bounds a worker.
@@ -20,13 +29,13 @@ workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
 worker_class = "gevent"
 # Simultaneous client connections per worker. Streams hold theirs for their
 # whole length, so this is far above gunicorn's default of 1000.
-worker_connections = int(os.environ.get("FORKPROXY_WORKER_CONNECTIONS", 10000))
+worker_connections = _given["worker_connections"]
 backlog = 4096
 
 # Idle seconds a client keep-alive connection is kept (nginx in front reuses them).
 keepalive = 75
 # SIGTERM/SIGHUP: in-flight requests and streams get this long to finish.
-graceful_timeout = int(os.environ.get("FORKPROXY_GRACEFUL_TIMEOUT", 30))
+graceful_timeout = _given["graceful_timeout"]
 # Liveness of the worker's heartbeat, not of a request: a gevent worker
 # keeps beating while streams of any length are open.
 timeout = 30
@@ -38,7 +47,7 @@ timeout = 30
 # Access log with what the proxy adds: request ID, upstream status, the upstream (pool member) that
 # answered or was tried last as host:port, upstream seconds, retries; a tunnel's line (status 101,
 # written when it ends) has the bytes from the upstream as %(B)s and those from the client as bytes_in.
-accesslog = os.environ.get("FORKPROXY_ACCESS_LOG", "-")
+accesslog = _given["access_log"]
 access_log_format = (
     '%(h)s "%(r)s" %(s)s %(B)s %(L)ss '
     'id=%({forkproxy.request_id}e)s '
@@ -49,17 +58,17 @@ access_log_format = (
     'bytes_in=%({forkproxy.bytes_in}e)s'
 )
 errorlog = "-"
-loglevel = os.environ.get("FORKPROXY_LOG_LEVEL", "info")
+loglevel = _given["log_level"]
 
 
 # gunicorn's lines, built from only the atoms the format names; or one JSON object per line.
 logger_class = AccessLogger
-if os.environ.get("FORKPROXY_ACCESS_LOG_FORMAT", "").lower() == "json":
+if _given["access_log_format"].lower() == "json":
     logger_class = JsonAccessLogger
 
 
 # Prometheus metrics, summed over all workers, on their own address (off unless set).
-METRICS_BIND = os.environ.get("FORKPROXY_METRICS_BIND", "")
+METRICS_BIND = _given["metrics_bind"]
 if METRICS_BIND and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # Workers inherit this and write their samples here; the master serves the sum.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="forkproxy-metrics-")
@@ -92,7 +101,7 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
-    """In the worker, after gevent patched it: hand gunicorn's settings to forkproxy."""
+    """In the worker, after gevent patched it: check urllib3 and gunicorn, hand gunicorn's settings to forkproxy."""
     from forkproxy.server.worker import configure_worker
 
     configure_worker(worker)

@@ -21,7 +21,8 @@ _HOMES = {
     "limits.gcra": ("Limit",),
     "messages": ("MessageWriter", "Request", "Response", "StreamStats", "StreamWriter", "TunnelStats", "UpstreamRequest",
                  "UpstreamResponse", "WebSocketMessage"),
-    "proxy": ("HOOK_NAMES", "Proxy"),
+    "hooks": ("HOOK_NAMES",),
+    "proxy": ("Proxy",),
     "upstream.retry": ("IDEMPOTENT_METHODS", "RetryPolicy"),
     "server.trust": ("TrustedProxies",),
     "upstream.members": ("Upstream", "UpstreamPool"),
@@ -52,7 +53,8 @@ if TYPE_CHECKING:
     from forkproxy.limits.gcra import Limit
     from forkproxy.messages import (MessageWriter, Request, Response, StreamStats, StreamWriter, TunnelStats, UpstreamRequest,
                                     UpstreamResponse, WebSocketMessage)
-    from forkproxy.proxy import HOOK_NAMES, Proxy
+    from forkproxy.hooks import HOOK_NAMES
+    from forkproxy.proxy import Proxy
     from forkproxy.upstream.retry import IDEMPOTENT_METHODS, RetryPolicy
     from forkproxy.server.trust import TrustedProxies
     from forkproxy.upstream.members import Upstream, UpstreamPool

@@ -1,46 +1,58 @@
-"""Settings: their defaults, their checks, and how the environment sets them."""
+"""Settings, one record each: name, FORKPROXY_* variable, check, default, doc.
+
+Everything else is derived from the records in ``SETTINGS``: ``DEFAULTS``
+and ``check_settings`` (a ``Proxy``'s keywords), ``env_settings``
+(``forkproxy.app`` and gunicorn.conf.py read their variables through it) and
+``env_table``, the README's table of variables (a test holds the two
+together). A setting belongs to one of three parts: ``PROXY`` (a ``Proxy``
+keyword and attribute), ``APP`` (the ready-made app's own: its retries) or
+``SERVER`` (gunicorn.conf.py).
+
+The gunicorn master loads this module for gunicorn.conf.py, where urllib3 and
+gevent must not be imported yet: the checks that need forkproxy's URL, header
+or store-path rules import them when they run (at start, never per request).
+"""
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
-from typing import Any, Callable, Mapping
-
-from forkproxy.http.headers import TOKEN_RE
-from forkproxy.limits import paths as store_paths
-from forkproxy.upstream.members import UpstreamPool, parse_base_url
 
 MiB = 1024 * 1024
+PROXY, APP, SERVER = "proxy", "app", "server"
 
-DEFAULTS: dict[str, Any] = {
-    "timeout": 30.0,
-    "connect_timeout": 10.0,
-    "max_request_body_bytes": 1 * MiB,
-    "max_response_body_bytes": 8 * MiB,
-    "stream_idle_timeout": 60.0,
-    "max_event_bytes": 1 * MiB,
-    "sse_heartbeat_secs": 0.0,
-    "ca_certs": None,
-    "trusted_proxies": None,
-    "pool_maxsize": 256,
-    # Below the keep-alive timeouts upstream servers commonly close idle connections after
-    # (Node.js and uvicorn: 5 s), so a pooled connection is dropped by us before it can be
-    # closed under a request; gunicorn's 2 s is covered by the retry on a fresh connection.
-    "pool_idle_timeout": 4.0,
-    "allowed_upgrades": ("websocket",),
-    "tunnel_idle_timeout": 300.0,
-    "max_ws_message_bytes": 16 * MiB,
-    "limits_store": "local",
-    "limits_timeout": 0.05,
-    "limits_fail_open": True,
-}
+Check = Callable[[str, Any], Any]
+"""``check(label, value)``: the value converted to its type, or ConfigError naming ``label``."""
 
 
 class ConfigError(ValueError):
     """A setting with a value forkproxy cannot run with; the message is one line."""
 
 
+class Setting(NamedTuple):
+    name: str  # the keyword and attribute (PROXY, APP), or gunicorn.conf.py's name for it (SERVER)
+    part: str  # PROXY, APP or SERVER
+    env: str | None  # the FORKPROXY_* variable that sets it, if any
+    check: Check
+    default: Any
+    doc: str  # what it means, as the README's table says it
+    shown: str = ""  # the default as the README shows it, when the value itself would not read well
+    required: bool = False  # no default: the start stops when it is missing
+
+    def default_text(self) -> str:
+        """The default as the README's table shows it."""
+        if self.shown:
+            return self.shown
+        if isinstance(self.default, float) and self.default.is_integer():
+            return str(int(self.default))
+        return str(self.default)
+
+
+# -- checks -------------------------------------------------------------------------
+
+
 def _number(kind: Callable[[Any], Any], *, minimum: float = 0, above: bool = False,
-            meaning: str = "") -> Callable[[str, Any], Any]:
+            meaning: str = "") -> Check:
     """A check for a finite number of ``kind`` that is at least ``minimum`` (or above it)."""
     bound = f"above {minimum:g}" if above else f"at least {minimum:g}"
     why = f"must be {bound}{meaning}"
@@ -68,8 +80,25 @@ def _whole(value: Any) -> int:
     return value
 
 
+_OFF = " (0 turns it off)"
+_SECONDS = _number(float, above=True)
+_SECONDS_OR_OFF = _number(float, meaning=_OFF)
+_BYTES_OR_OFF = _number(_whole, meaning=_OFF)
+_COUNT = _number(_whole, minimum=1)
+
+
+def _as_given(name: str, value: Any) -> Any:
+    return value
+
+
+def _text(name: str, value: Any) -> str:
+    return str(value).strip()
+
+
 def _upstream(name: str, value: Any) -> Any:
     """A base URL, an ``UpstreamPool`` as it is, or a comma-separated list of URLs made a round-robin pool."""
+    from forkproxy.upstream.members import UpstreamPool, parse_base_url
+
     if isinstance(value, UpstreamPool):
         return value
     if not value:
@@ -94,6 +123,8 @@ def _ca_certs(name: str, value: Any) -> str | None:
 
 def _protocols(name: str, value: Any) -> tuple[str, ...]:
     """Upgrade protocol names, lower-cased: a tuple (or list) of tokens, or one comma-separated string."""
+    from forkproxy.http.headers import TOKEN_RE
+
     items = value.split(",") if isinstance(value, str) else value
     try:
         names = tuple(str(item).strip().lower() for item in items)
@@ -107,6 +138,8 @@ def _protocols(name: str, value: Any) -> tuple[str, ...]:
 
 def _limits_store(name: str, value: Any) -> str:
     """``local``, ``local:PATH`` (whose file only this user may write) or a redis:// / rediss:// URL with a host."""
+    from forkproxy.limits import paths as store_paths
+
     text = str(value).strip()
     if text == "local" or (text.startswith("local:") and len(text) > len("local:")):
         try:
@@ -142,77 +175,109 @@ def _flag(name: str, value: Any) -> bool:
     raise ConfigError(f"{name}: must be true or false: {value!r}")
 
 
-_OFF = " (0 turns it off)"
-_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "upstream": _upstream,
-    "timeout": _number(float, above=True),
-    "connect_timeout": _number(float, above=True),
-    "max_request_body_bytes": _number(_whole, meaning=_OFF),
-    "max_response_body_bytes": _number(_whole, meaning=_OFF),
-    "stream_idle_timeout": _number(float, meaning=_OFF),
-    "max_event_bytes": _number(_whole, minimum=1),
-    "sse_heartbeat_secs": _number(float, meaning=_OFF),
-    "ca_certs": _ca_certs,
-    "pool_maxsize": _number(_whole, minimum=1),
-    "pool_idle_timeout": _number(float, above=True),
-    "allowed_upgrades": _protocols,
-    "tunnel_idle_timeout": _number(float, above=True),
-    "max_ws_message_bytes": _number(_whole, minimum=1),
-    "limits_store": _limits_store,
-    "limits_timeout": _number(float, above=True),
-    "limits_fail_open": _flag,
-}
+# -- the records ------------------------------------------------------------------------
+
+# In the order of the README's table of variables.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("upstream", PROXY, "FORKPROXY_UPSTREAM", _upstream, None,
+            "upstream base URL, `http://` or `https://`, optional fixed path prefix; a comma-separated list "
+            "makes a round-robin pool", shown="required", required=True),
+    Setting("timeout", PROXY, "FORKPROXY_TIMEOUT", _SECONDS, 30.0,
+            "seconds to wait for the upstream (connect and each read)"),
+    Setting("connect_timeout", PROXY, "FORKPROXY_CONNECT_TIMEOUT", _SECONDS, 10.0,
+            "seconds for a TCP/TLS connect (never above the timeout)"),
+    Setting("max_request_body_bytes", PROXY, "FORKPROXY_MAX_REQUEST_BODY_BYTES", _BYTES_OR_OFF, 1 * MiB,
+            "request body cap, 0 = none"),
+    Setting("max_response_body_bytes", PROXY, "FORKPROXY_MAX_RESPONSE_BODY_BYTES", _BYTES_OR_OFF, 8 * MiB,
+            "buffered response body cap, 0 = none"),
+    Setting("retry_attempts", APP, "FORKPROXY_RETRY_ATTEMPTS", _COUNT, 1,
+            "max attempts for idempotent methods (GET HEAD OPTIONS TRACE PUT DELETE)"),
+    Setting("retry_backoff_ms", APP, "FORKPROXY_RETRY_BACKOFF_MS", _number(_whole), 100,
+            "base backoff between attempts, doubling each retry"),
+    Setting("ca_certs", PROXY, "FORKPROXY_CA_CERTS", _ca_certs, None,
+            "CA bundle for https upstreams", shown="the system's"),
+    Setting("stream_idle_timeout", PROXY, "FORKPROXY_STREAM_IDLE_TIMEOUT", _SECONDS_OR_OFF, 60.0,
+            "longest silence inside a stream, seconds"),
+    Setting("max_event_bytes", PROXY, "FORKPROXY_MAX_EVENT_BYTES", _COUNT, 1 * MiB,
+            "largest incomplete SSE event held"),
+    Setting("sse_heartbeat_secs", PROXY, "FORKPROXY_SSE_HEARTBEAT_SECS", _SECONDS_OR_OFF, 0.0,
+            "SSE comment sent on a silent event stream, 0 = off"),
+    Setting("trusted_proxies", PROXY, None, _as_given, None,
+            "IPs/CIDRs allowed to set `X-Forwarded-Proto`/`-Host`, `Forwarded` and `X-Real-IP`",
+            shown="gunicorn's `forwarded_allow_ips`"),
+    Setting("pool_maxsize", PROXY, None, _COUNT, 256,
+            "idle upstream connections kept per upstream per worker"),
+    # Below the keep-alive timeouts upstream servers commonly close idle connections after
+    # (Node.js and uvicorn: 5 s), so a pooled connection is dropped by us before it can be
+    # closed under a request; gunicorn's 2 s is covered by the resend on a fresh connection.
+    Setting("pool_idle_timeout", PROXY, "FORKPROXY_POOL_IDLE_TIMEOUT", _SECONDS, 4.0,
+            "seconds an idle pooled upstream connection is kept"),
+    Setting("allowed_upgrades", PROXY, None, _protocols, ("websocket",),
+            "protocols a client may open a tunnel to; `()` turns tunnels off"),
+    Setting("tunnel_idle_timeout", PROXY, "FORKPROXY_TUNNEL_IDLE_TIMEOUT", _SECONDS, 300.0,
+            "seconds a tunnel may stay silent both ways"),
+    Setting("max_ws_message_bytes", PROXY, None, _COUNT, 16 * MiB,
+            "largest WebSocket message held for `on_ws_message`"),
+    Setting("limits_store", PROXY, "FORKPROXY_LIMITS_STORE", _limits_store, "local",
+            "where rate-limit counts live: `local` (or `local:PATH`), or a `redis://` / `rediss://` URL"),
+    Setting("limits_timeout", PROXY, None, _SECONDS, 0.05,
+            "seconds the rate-limit store may take to answer"),
+    Setting("limits_fail_open", PROXY, None, _flag, True,
+            "whether a request goes through uncounted when the store fails (else 503)"),
+    Setting("bind", SERVER, "FORKPROXY_BIND", _text, "127.0.0.1:8080", "gunicorn bind address"),
+    Setting("metrics_bind", SERVER, "FORKPROXY_METRICS_BIND", _text, "",
+            "address for Prometheus metrics", shown="off"),
+    Setting("access_log_format", SERVER, "FORKPROXY_ACCESS_LOG_FORMAT", _text, "text",
+            "`json` for JSON access-log lines"),
+    Setting("graceful_timeout", SERVER, "FORKPROXY_GRACEFUL_TIMEOUT", _number(_whole), 30,
+            "seconds in-flight requests get on SIGTERM/SIGHUP"),
+    Setting("worker_connections", SERVER, "FORKPROXY_WORKER_CONNECTIONS", _COUNT, 10000,
+            "simultaneous client connections per worker"),
+    Setting("access_log", SERVER, "FORKPROXY_ACCESS_LOG", _text, "-",
+            "where access-log lines go: a file, or `-` for stdout", shown="stdout"),
+    Setting("log_level", SERVER, "FORKPROXY_LOG_LEVEL", _text, "info", "gunicorn's log level"),
+)
+_PROXY = {s.name: s for s in SETTINGS if s.part == PROXY}
 
 
-def check_setting(name: str, value: Any, label: str | None = None) -> Any:
-    """The value converted to its type, or ConfigError naming ``label``."""
-    check = _CHECKS.get(name)
-    return value if check is None else check(label or name, value)
+def defaults(part: str) -> dict[str, Any]:
+    """Each setting of ``part`` that has a default, with it."""
+    return {s.name: s.default for s in SETTINGS if s.part == part and not s.required}
+
+
+DEFAULTS: dict[str, Any] = defaults(PROXY)  # a Proxy's keywords but ``upstream``, which has none
 
 
 def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(settings) - set(DEFAULTS) - {"upstream"}
+    """A ``Proxy``'s keywords, each checked and converted; TypeError for a name that is no setting."""
+    unknown = set(settings) - set(_PROXY)
     if unknown:
         raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}; valid: {', '.join(sorted(DEFAULTS))}")
-    checked = {name: check_setting(name, value) for name, value in settings.items()}
+    checked = {name: _PROXY[name].check(name, value) for name, value in settings.items()}
     if "limits_store" not in checked:  # the default names a file too: checked the same, at start
-        checked["limits_store"] = check_setting("limits_store", DEFAULTS["limits_store"])
+        checked["limits_store"] = _PROXY["limits_store"].check("limits_store", DEFAULTS["limits_store"])
     return checked
 
 
-# FORKPROXY_* variable -> setting name; the retry ones feed the app's policy.
-ENVIRONMENT = {
-    "FORKPROXY_UPSTREAM": "upstream",
-    "FORKPROXY_TIMEOUT": "timeout",
-    "FORKPROXY_CONNECT_TIMEOUT": "connect_timeout",
-    "FORKPROXY_MAX_REQUEST_BODY_BYTES": "max_request_body_bytes",
-    "FORKPROXY_MAX_RESPONSE_BODY_BYTES": "max_response_body_bytes",
-    "FORKPROXY_STREAM_IDLE_TIMEOUT": "stream_idle_timeout",
-    "FORKPROXY_MAX_EVENT_BYTES": "max_event_bytes",
-    "FORKPROXY_SSE_HEARTBEAT_SECS": "sse_heartbeat_secs",
-    "FORKPROXY_CA_CERTS": "ca_certs",
-    "FORKPROXY_POOL_IDLE_TIMEOUT": "pool_idle_timeout",
-    "FORKPROXY_TUNNEL_IDLE_TIMEOUT": "tunnel_idle_timeout",
-    "FORKPROXY_LIMITS_STORE": "limits_store",
-}
-RETRY_ENVIRONMENT = {"FORKPROXY_RETRY_ATTEMPTS": 1, "FORKPROXY_RETRY_BACKOFF_MS": 100}
+def env_settings(env: Mapping[str, str], part: str) -> dict[str, Any]:
+    """The settings of ``part`` that FORKPROXY_* variables give, checked; ConfigError naming the variable.
+
+    An unset or empty variable is left out (its default applies), except
+    a required one, whose absence is the error.
+    """
+    found = {}
+    for setting in SETTINGS:
+        if setting.part != part or setting.env is None:
+            continue
+        value = env.get(setting.env)
+        if value or setting.required:
+            found[setting.name] = setting.check(setting.env, value)
+    return found
 
 
-def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """Settings named by FORKPROXY_* variables; the upstream must be there."""
-    settings = {"upstream": check_setting("upstream", env.get("FORKPROXY_UPSTREAM"), "FORKPROXY_UPSTREAM")}
-    for var, name in ENVIRONMENT.items():
-        if name != "upstream" and env.get(var, "") != "":
-            settings[name] = check_setting(name, env[var], var)
-    return settings
-
-
-_RETRY_CHECKS = {"FORKPROXY_RETRY_ATTEMPTS": _number(_whole, minimum=1), "FORKPROXY_RETRY_BACKOFF_MS": _number(_whole)}
-
-
-def retry_from_env(env: Mapping[str, str]) -> tuple[int, int]:
-    """(attempts, backoff ms) for the ready-made app's idempotent retries."""
-    attempts, backoff = (
-        _RETRY_CHECKS[var](var, env.get(var) or default) for var, default in RETRY_ENVIRONMENT.items()
-    )
-    return attempts, backoff
+def env_table() -> str:
+    """The README's table of FORKPROXY_* variables, in the order of ``SETTINGS``."""
+    where = {PROXY: "", APP: "", SERVER: " (gunicorn.conf.py)"}
+    rows = ["| variable | meaning | default |", "|---|---|---|"]
+    rows += [f"| `{s.env}` | {s.doc}{where[s.part]} | {s.default_text()} |" for s in SETTINGS if s.env]
+    return "\n".join(rows)

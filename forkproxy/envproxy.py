@@ -5,10 +5,12 @@ import functools
 import os
 from typing import Mapping
 
-from forkproxy.config import retry_from_env, settings_from_env
+from forkproxy.config import APP, PROXY, defaults, env_settings
 from forkproxy.messages import Request
 from forkproxy.proxy import Proxy
 from forkproxy.upstream.retry import IDEMPOTENT_METHODS, RetryPolicy
+
+_RETRY = defaults(APP)
 
 
 class EnvProxy(Proxy):
@@ -18,8 +20,8 @@ class EnvProxy(Proxy):
     idempotent methods only; a failed connect is retried for every method.
     """
 
-    retry_attempts = 1
-    retry_backoff_ms = 100
+    retry_attempts: int = _RETRY["retry_attempts"]
+    retry_backoff_ms: int = _RETRY["retry_backoff_ms"]
 
     def retry_policy(self, req: Request) -> RetryPolicy:
         return _idempotent_policy(self.retry_attempts, self.retry_backoff_ms)
@@ -33,7 +35,7 @@ def _idempotent_policy(attempts: int, backoff_ms: int) -> RetryPolicy:
 
 def from_env(env: Mapping[str, str] = os.environ) -> EnvProxy:
     """Build the proxy; raises ConfigError with a one-line message."""
-    proxy = EnvProxy(**settings_from_env(env))
-    proxy.retry_attempts, proxy.retry_backoff_ms = retry_from_env(env)
+    proxy = EnvProxy(**env_settings(env, PROXY))
+    for name, value in env_settings(env, APP).items():
+        setattr(proxy, name, value)
     return proxy
-

@@ -5,11 +5,12 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
 from tests.support.client import request
-from tests.support.servers import RawServer, answering, read_request_head
+from tests.support.servers import RawServer, answering, free_port, read_request_head
 
 
 def via(server):
@@ -117,3 +118,38 @@ def test_a_write_the_kernel_takes_only_part_of_is_finished_in_order():
         reader.join(10)
         theirs.close()
     assert bytes(got) == data
+
+
+@contextmanager
+def failing_before_the_head(kind):
+    """The URL of an upstream that fails as ``kind`` says, before any usable response head."""
+    if kind == "refused":
+        yield f"http://127.0.0.1:{free_port()}"
+        return
+    hold = threading.Event()
+    ends = {"closed": read_request_head,
+            "silent": lambda conn: (read_request_head(conn), hold.wait(10)),
+            "malformed": lambda conn: (read_request_head(conn),
+                                       conn.sendall(b"HTTP/1.1 200 OK\r\nX-Secret 10.1.2.3\r\n\r\n"))}
+    server = RawServer(ends[kind])
+    try:
+        yield server.url
+    finally:
+        hold.set()
+        server.close()
+
+
+@pytest.mark.parametrize("kind, status, error_type, told", [
+    ("refused", 502, "upstream_unreachable", "cannot connect to the upstream"),
+    ("closed", 502, "upstream_unreachable", "the upstream closed the connection before a response head"),
+    ("silent", 504, "upstream_timeout", "the upstream sent no response head in time"),
+    ("malformed", 502, "bad_upstream_response", "the upstream sent a malformed response head"),
+])
+def test_a_failure_before_the_head_tells_the_client_its_kind_and_the_log_the_member_and_the_cause(
+        gateway, kind, status, error_type, told):
+    path = f"/before-head/{uuid.uuid4().hex}"
+    with failing_before_the_head(kind) as url:
+        reply = request(gateway.url, "GET", path, headers={"X-Test-Upstream": url})
+        assert (reply.status, reply.error_type()) == (status, error_type)
+        assert reply.json()["error"]["message"] == told  # no address, no OS error, none of the upstream's bytes
+        gateway.wait_for_log(rf"GET {path} -> {status} {error_type}: {told} \(http://127\.0\.0\.1:\d+: \w+")

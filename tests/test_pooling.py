@@ -2,9 +2,15 @@
 import time
 import uuid
 
+import urllib3
+
+from forkproxy import RetryPolicy
+from forkproxy.messages import UpstreamRequest
+from forkproxy.upstream.attempts import Transport
+from forkproxy.upstream.members import fixed_route
 from tests.support.client import request
 from tests.support.gunicorn import Gunicorn
-from tests.support.servers import RawServer, read_request_head
+from tests.support.servers import RawServer, Scripted, read_request_head
 
 
 def test_fifty_sequential_requests_share_one_upstream_connection(gateway, upstream):
@@ -125,3 +131,24 @@ def test_idle_pooled_connections_are_dropped_after_pool_idle_timeout(upstream):
         assert ports[3] != ports[2] and ports[4] == ports[3]  # a new one after the idle pause
     finally:
         g.stop()
+
+
+def test_a_failed_attempt_gives_its_slot_back_to_the_connection_pool_with_its_connection_closed():
+    """The attempt's own failure passes through urllib3's urlopen, which closes the connection and frees its slot."""
+    server = Scripted([200, "close", "close"])  # the second request: closed on the reused connection and on a fresh one
+    transport = Transport(pool_maxsize=1, ca_certs=None)
+    route = fixed_route(server.url)
+    try:
+        for expected in ("ok", "upstream_unreachable"):
+            attempted = transport.send(route, UpstreamRequest("GET", "/x", urllib3.HTTPHeaderDict(), b""),
+                                       RetryPolicy(), urllib3.Timeout(connect=2, read=2))
+            if attempted.reply is not None:
+                assert attempted.reply.read_sized().decode() == expected
+                attempted.reply.release()
+            else:
+                assert attempted.error.type == expected and attempted.member == route.base
+        slots = transport.connections(route.base).pool
+        assert slots.qsize() == 1 and slots.get_nowait() is None  # the slot is back, the connection is not
+        assert server.got == 3 and server.accepted == 2
+    finally:
+        server.close()

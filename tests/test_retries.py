@@ -1,11 +1,15 @@
-"""Retries as the policy says, carried out by urllib3, with backoff really slept."""
+"""Retries as the policy says, counted by urllib3's Retry, with backoff really slept."""
+import os
 import socket
 import threading
 import time
 import uuid
 
+import pytest
+
 from tests.support.client import request
-from tests.support.servers import free_port
+from tests.support.gunicorn import Gunicorn
+from tests.support.servers import RawServer, free_port, over_tls, read_request_head
 
 
 def unique(prefix="/r"):
@@ -158,3 +162,29 @@ def test_a_post_the_policy_names_is_retried_after_it_may_have_been_processed(gat
         "X-Test-Retry": "3", "X-Test-Retry-Methods": "POST"})
     assert (reply.status, reply.body) == (200, b"second")
     assert len(upstream.seen(path)) == 2
+
+
+def test_a_post_whose_tls_connection_breaks_after_it_went_out_is_not_sent_again_by_a_default_policy():
+    """A TLS error once the request went out is a failure after sending (it may have been processed)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    got = []
+
+    def break_tls(tls):  # reads the request, then answers with bytes outside TLS: the proxy's TLS read fails
+        got.append(read_request_head(tls))
+        os.write(tls.fileno(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        tls.settimeout(5)
+        tls.recv(1)  # until the proxy has closed the connection
+    server = RawServer(over_tls(break_tls, ca.issue_cert("127.0.0.1")))
+    with ca.cert_pem.tempfile() as bundle:
+        g = Gunicorn("tests.apps.pools:app", env={"TEST_MEMBERS": f"https://127.0.0.1:{server.port}",
+                                                  "TEST_CA": bundle}).start()
+        try:
+            reply = request(g.url, "POST", "/charge", body=b"once", headers={"X-Test-Retry": "3"})
+            assert reply.status == 502 and reply.error_type() == "upstream_unreachable"
+            assert len(got) == 1
+            reply = request(g.url, "GET", "/read", headers={"X-Test-Retry": "3"})
+            assert reply.status == 502 and len(got) == 4  # an idempotent method is retried
+        finally:
+            g.stop()
+            server.close()

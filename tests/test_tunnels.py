@@ -259,6 +259,31 @@ def test_bytes_behind_the_request_head_reach_the_upstream_and_gunicorn_reads_no_
     assert len([line for line in log.splitlines() if '"GET /behind HTTP/1.1" 101 3 ' in line]) == 1
 
 
+@pytest.mark.parametrize("framing,body", [
+    ("Transfer-Encoding: chunked", b"0\r\n\r\n"),  # gunicorn's chunked reader keeps its unreader elsewhere
+    ("Content-Length: 0", b""),
+])
+def test_bytes_behind_an_upgrade_request_with_a_body_reach_the_upstream(tunnels, framing, body):
+    received = []
+
+    def collect(conn, head, reply):
+        conn.sendall(reply)
+        received.append(read_to_close(conn))
+    server = RawServer(switching(collect))
+    try:
+        behind = b"pipelined behind the body"
+        sock = raw_tunnel(tunnels, "/behind-body", extra=f"X-Test-Upstream: {server.url}\r\n{framing}\r\n",
+                          after=body + behind)
+        head, _ = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        sock.shutdown(socket.SHUT_WR)
+        read_to_close(sock)
+        sock.close()
+    finally:
+        server.close()
+    assert received == [behind]
+
+
 def test_half_close_from_the_upstream_leaves_the_client_side_open(tunnels):
     def talk_first(conn, head, reply):
         conn.sendall(reply + b"all I say")
@@ -381,6 +406,7 @@ def test_a_message_over_max_ws_message_bytes_closes_both_sides_with_1009(char, c
         assert ws.close_code == 1009
     record = g.records.wait_one(path)
     assert record["closed_by"] == "proxy" and record["errored"]
+    g.wait_for_log(rf"GET {path}: tunnel ended by proxy \(errored\): closed with 1009: message over the proxy's cap")
     deadline = time.monotonic() + 5
     while (path, 1009) not in ws_upstream.closed and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -477,6 +503,7 @@ def test_sigterm_gives_open_tunnels_graceful_timeout_then_closes_them_once(ws_up
         record = records.wait_one("/echo-stop")
         assert record["closed_by"] == "proxy" and record["errored"]
         assert g.wait_exit(10) == 0
+        assert "GET /echo-stop: tunnel ended by proxy (errored): worker stopping" in g.log()
     finally:
         g.stop()
 

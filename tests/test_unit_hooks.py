@@ -3,6 +3,8 @@ import pytest
 from urllib3 import HTTPHeaderDict
 
 from forkproxy import HOOK_NAMES, Proxy, Request, Response, UpstreamRequest
+from forkproxy.hooks import HOOKS
+from forkproxy.lifecycle import timeouts
 
 
 def test_hook_registration_by_function_name_replaces_per_instance():
@@ -34,7 +36,7 @@ def test_settings_are_checked_and_are_plain_attributes():
     proxy = Proxy("http://127.0.0.1:1", timeout=5, max_request_body_bytes=10)
     assert (proxy.timeout, proxy.max_request_body_bytes, proxy.connect_timeout) == (5, 10, 10)
     proxy.timeout = 1
-    assert proxy._timeout().connect_timeout == 1  # connect never above the whole timeout
+    assert timeouts(proxy).connect_timeout == 1  # connect never above the whole timeout
     with pytest.raises(ValueError):
         Proxy("ftp://x")
     with pytest.raises(ValueError):
@@ -63,7 +65,7 @@ def test_str_bodies_are_encoded_as_utf8():
 def test_a_bug_inside_forkproxy_is_still_a_json_500(caplog):
     import json
     proxy = Proxy("http://127.0.0.1:1")
-    proxy._exchange = None  # any internal failure
+    proxy._transport = object()  # any internal failure: here, the upstream connections are broken
     seen = {}
     body = b"".join(proxy({"REQUEST_METHOD": "GET", "RAW_URI": "/x"}, lambda s, h: seen.update(status=s, headers=h)))
     assert seen["status"] == "500 Internal Server Error"
@@ -75,10 +77,10 @@ def test_pools_for_many_upstream_origins_all_stay_open():
     from forkproxy.upstream.members import parse_base_url as parse_upstream
     from forkproxy.upstream.attempts import Transport
     transport = Transport(pool_maxsize=4, ca_certs=None)
-    pools = [transport.pool(parse_upstream(f"http://127.0.0.1:{10000 + i}")) for i in range(100)]
+    pools = [transport.connections(parse_upstream(f"http://127.0.0.1:{10000 + i}")) for i in range(100)]
     assert all(pool.pool is not None for pool in pools)  # none closed behind a request's back
-    assert transport.pool(parse_upstream("http://127.0.0.1:10000/other-prefix")) is pools[0]
-    assert transport.pool(parse_upstream("https://127.0.0.1:10000")) is not pools[0]
+    assert transport.connections(parse_upstream("http://127.0.0.1:10000/other-prefix")) is pools[0]
+    assert transport.connections(parse_upstream("https://127.0.0.1:10000")) is not pools[0]
 
 
 def test_settings_given_as_class_attributes_are_defaults_that_keywords_override():
@@ -90,7 +92,7 @@ def test_settings_given_as_class_attributes_are_defaults_that_keywords_override(
     assert (Gateway().timeout, Gateway().max_request_body_bytes, Gateway().upstream) == (5, 10, "http://127.0.0.1:9000")
     assert Gateway(timeout=7).timeout == 7
     assert Gateway("http://127.0.0.1:1").upstream == "http://127.0.0.1:1"
-    assert Gateway()._timeout().read_timeout == 5  # what the exchange really uses
+    assert timeouts(Gateway()).read_timeout == 5  # what the exchange really uses
     assert Proxy("http://127.0.0.1:1").timeout == 30
 
 
@@ -131,3 +133,38 @@ def test_allowed_upgrades_are_protocol_names_kept_lower_case():
         with pytest.raises(ValueError) as info:
             Proxy("http://127.0.0.1:1", allowed_upgrades=bad)
         assert "allowed_upgrades" in str(info.value)
+
+
+def test_the_readmes_hook_table_is_the_one_the_hook_specs_make():
+    from tests.test_unit_config import readme_table
+    from forkproxy.hooks import hook_table
+
+    assert readme_table("### Hooks") == hook_table(), "paste forkproxy.hooks.hook_table() into the README"
+
+
+@pytest.mark.parametrize("spec", HOOKS, ids=lambda spec: spec.name)
+def test_every_specified_hook_is_a_proxy_method_with_the_specified_signature(spec):
+    import inspect
+    from forkproxy.hooks import AFTER_HEAD, BEFORE_HEAD
+
+    signature = inspect.signature(getattr(Proxy, spec.name))
+    assert tuple(signature.parameters)[1:] == spec.params  # after self
+    returns = str(signature.return_annotation).strip("'\"")
+    # the README names a hook's main return type (pick_upstream: a URL; a pool is its own section)
+    assert returns.split(" | ")[0] == (spec.returns or "None")
+    assert spec.phase in (BEFORE_HEAD, AFTER_HEAD) and spec.when and spec.then and spec.if_raises
+
+
+def test_a_proxy_registers_exactly_the_specified_hooks():
+    from forkproxy.hooks import HOOK_NAMES
+
+    proxy = Proxy("http://127.0.0.1:1")
+    for name in HOOK_NAMES:
+        fn = lambda *args: None  # noqa: E731
+        fn.__name__ = name
+        assert proxy.hook(fn) is fn and getattr(proxy, name) is fn
+    for not_a_hook in ("charge", "wants_messages", "before_attempt"):  # a method, and a hook not built yet
+        fn = lambda *args: None  # noqa: E731
+        fn.__name__ = not_a_hook
+        with pytest.raises(ValueError):
+            proxy.hook(fn)

@@ -410,7 +410,7 @@ def test_the_local_store_reclaims_keys_whose_bucket_has_refilled(small_map):
 
 
 def _take_many(path, count, out):
-    store = LocalStore(path, 1.0)
+    store = LocalStore(path)
     limit = Limit("rpm:shared", rate=50, per=3600)
     out.put(sum(store.take([limit]).allowed for _ in range(count)))
 

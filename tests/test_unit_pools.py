@@ -1,20 +1,21 @@
 """Pools without sockets: smooth weighted round robin, least busy, passive health, backups, bad arguments,
-how an attempt that raised settles its member, and what a failed TLS handshake tells the client."""
+how an attempt that raised settles its member, and what each failure before a head tells the client."""
 import ssl
 import time
 from collections import Counter
+from http.client import HTTPException
 
 import pytest
 import urllib3
 
 from forkproxy import NoLiveUpstream, RetryPolicy, Upstream, UpstreamPool
-from forkproxy.errors import UpstreamTimeout, UpstreamUnreachable
+from forkproxy.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from forkproxy.messages import UpstreamRequest
-from forkproxy.upstream.balance import SmoothWeighted, least_busy
-from forkproxy.upstream.failures import TLSHandshakeError, head_error
-from forkproxy.upstream.health import Health, Rules
-from forkproxy.upstream.members import parse_base_url
 from forkproxy.upstream.attempts import Transport
+from forkproxy.upstream.balance import SmoothWeighted, least_busy
+from forkproxy.upstream.connections import Connections
+from forkproxy.upstream.failures import BadHead, HeadTimeout, SentNothing, Unanswered
+from forkproxy.upstream.health import Health, Rules
 
 
 def picks(order, n, candidates=None):
@@ -141,11 +142,16 @@ def test_bad_pool_arguments_raise_value_error_naming_the_argument(call, word):
     assert word in str(info.value)
 
 
-class BrokenTransport(Transport):
-    """A transport whose attempts raise what no upstream failure is: a bug inside an attempt."""
+class BrokenConnections(Connections):
+    """Connections whose every try raises what no upstream failure is: a bug inside an attempt."""
 
-    def _attempt(self, *args):
+    def urlopen(self, *args, **kwargs):
         raise RuntimeError("a bug inside an attempt")
+
+
+class BrokenTransport(Transport):
+    def connections(self, member):
+        return BrokenConnections(member.host, member.port)
 
 
 def test_an_attempt_that_raises_anything_settles_its_trial_and_leaves_the_in_flight_count():
@@ -153,10 +159,20 @@ def test_an_attempt_that_raises_anything_settles_its_trial_and_leaves_the_in_fli
     pool.failed(0, "refused", False, now=time.monotonic())  # down for 0 s: its next request is its trial
     transport = BrokenTransport(pool_maxsize=1, ca_certs=None)
     with pytest.raises(RuntimeError):
-        transport.send(pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()),
-                       retries=RetryPolicy().to_urllib3(), timeout=urllib3.Timeout(1))
+        transport.send(pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()), RetryPolicy(),
+                       urllib3.Timeout(1))
     assert pool.in_flight == [0, 0]
     assert pool.health[0].ejections == 2 and not pool.health[0].trial_out  # the trial failed: down again
+
+
+def test_every_member_down_is_an_outcome_with_no_member_not_an_exception():
+    pool = pool_of("http://a", "http://b")
+    for i in (0, 1):
+        pool.failed(i, "refused", False, now=time.monotonic())
+    attempted = Transport(pool_maxsize=1, ca_certs=None).send(
+        pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()), RetryPolicy(), urllib3.Timeout(1))
+    assert attempted.reply is None and attempted.member is None and attempted.retries == 0
+    assert isinstance(attempted.error, NoLiveUpstream)
 
 
 @pytest.mark.parametrize("cause, timed_out, error, words", [
@@ -166,6 +182,25 @@ def test_an_attempt_that_raises_anything_settles_its_trial_and_leaves_the_in_fli
 ])
 def test_a_failed_tls_handshake_tells_the_client_tls_and_neither_the_address_nor_the_os_error(
         cause, timed_out, error, words):
-    told = head_error(TLSHandshakeError(cause, timed_out=timed_out), parse_base_url("https://10.9.8.7:8443"))
+    failure = SentNothing.tls(cause, timed_out=timed_out)
+    told = failure.error
     assert type(told) is error and "TLS handshake" in told.message and words in told.message
-    assert "10.9.8.7" not in told.message and str(cause) not in told.message
+    assert str(cause) not in told.message
+    assert told.__cause__ is cause and not failure.sent  # the log has what the handshake raised
+    assert failure.reason.startswith("TLS handshake") and str(cause) in failure.reason
+
+
+@pytest.mark.parametrize("failure, error", [
+    (SentNothing.refused(ConnectionRefusedError(111, "Connection refused")), UpstreamUnreachable),
+    (SentNothing.timed_out(TimeoutError("Connection to 10.1.2.3 timed out. (connect timeout=1)")), UpstreamTimeout),
+    (Unanswered(ConnectionResetError(104, "Connection reset by peer"), body_unsent=True, nothing_read=True),
+     UpstreamUnreachable),
+    (HeadTimeout(TimeoutError("10.1.2.3: read timed out")), UpstreamTimeout),
+    (BadHead(HTTPException("malformed response header line: 'X-Secret 10.1.2.3'")), BadUpstreamResponse),
+])
+def test_every_failure_before_a_head_tells_the_client_its_kind_and_keeps_the_detail_for_the_log(failure, error):
+    told = failure.error
+    assert type(told) is error
+    assert str(told.__cause__) not in told.message and "Errno" not in told.message and "10.1.2.3" not in told.message
+    assert str(told.__cause__) in failure.reason
+    assert failure.sent == (not isinstance(failure, SentNothing))

@@ -1,11 +1,10 @@
-"""RetryPolicy and the urllib3 Retry it drives, without sockets."""
-from unittest import mock
-
+"""RetryPolicy, what it decides, and the urllib3 Retry that counts the retries, without sockets."""
 import pytest
-from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
+from urllib3.util.retry import Retry
 
 from forkproxy import RetryPolicy
-from forkproxy.upstream.retry import Failover, PolicyRetry
+from forkproxy.upstream.failures import SentNothing, Unanswered
+from forkproxy.upstream.retry import may_retry, next_retry, pause
 
 
 def test_defaults():
@@ -41,88 +40,101 @@ def test_jitter_sleeps_a_random_part_of_the_backoff():
     assert all(0 <= s <= 1000 for s in samples) and len(samples) > 1
 
 
-def retried(r, method, url, **kw):
-    """The Retry for the next attempt: each retry the policy allows leaves urlopen as a Failover carrying it."""
-    with pytest.raises(Failover) as move:
-        r.increment(method, url, **kw)
-    return move.value.retry
+class Answer:
+    """What the loop hands the retry logic of an upstream reply: its status and headers."""
+
+    def __init__(self, status, headers=None):
+        self.status, self.headers = status, headers or {}
+
+    def get_redirect_location(self):
+        return False
 
 
-def test_urllib3_sleeps_backoff_for_n_before_retry_n():
-    r = RetryPolicy(max_attempts=4, base_backoff_ms=100).to_urllib3()
-    sleeps = []
-    with mock.patch("time.sleep", sleeps.append):
-        for _ in range(3):
-            r = retried(r, "GET", "/x", error=ProtocolError("reset"))
-            r.sleep()
-    assert sleeps == [0.1, 0.2, 0.4]
+def sent_but_unanswered():
+    return Unanswered(ConnectionResetError("reset"), body_unsent=False, nothing_read=True)
+
+
+def retried(policy, retry, method, **kw):
+    """The count after one more retry, which the policy allows."""
+    counted = next_retry(policy, retry, method, **kw)
+    assert isinstance(counted, Retry)
+    return counted
+
+
+def test_the_wait_before_retry_n_is_backoff_for_n():
+    p = RetryPolicy(max_attempts=4, base_backoff_ms=100)
+    r, waits = None, []
+    for _ in range(3):
+        r = retried(p, r, "GET", error=sent_but_unanswered())
+        waits.append(pause(p, r))
+    assert waits == [0.1, 0.2, 0.4]
 
 
 def test_attempts_run_out_after_max_attempts_and_the_count_survives():
-    r = RetryPolicy(max_attempts=3).to_urllib3()
-    r = retried(r, "GET", "/x", error=ProtocolError("a"))
-    r = retried(r, "GET", "/x", error=ProtocolError("b"))
-    with pytest.raises(MaxRetryError):
-        r.increment("GET", "/x", error=ProtocolError("c"))
-    assert r.count.retries == 2
+    p = RetryPolicy(max_attempts=3)
+    r = retried(p, None, "GET", error=sent_but_unanswered())
+    r = retried(p, r, "GET", response=Answer(503))
+    assert next_retry(p, r, "GET", error=sent_but_unanswered()) is None
+    assert len(r.history) == 2
+
+
+def test_the_count_is_an_immutable_urllib3_retry_each_retry_a_new_value():
+    p = RetryPolicy(max_attempts=5)
+    first = retried(p, None, "GET", response=Answer(502))
+    second = retried(p, first, "GET", response=Answer(502))
+    assert (len(first.history), len(second.history)) == (1, 2)
+    assert [h.status for h in second.history] == [502, 502]
+
+
+def test_a_single_attempt_policy_allows_no_retry():
+    assert next_retry(RetryPolicy(), None, "GET", response=Answer(503)) is None
 
 
 def test_status_retry_follows_the_policy_not_retry_after_alone():
-    r = RetryPolicy(max_attempts=3, retry_on_status=(503,)).to_urllib3()
-    assert r.is_retry("GET", 503)
-    assert not r.is_retry("GET", 429, has_retry_after=True)
-    assert not r.is_retry("GET", 413, has_retry_after=True)
+    p = RetryPolicy(max_attempts=3, retry_on_status=(503,))
+    assert may_retry(p, "GET", 503, sent=True)
+    assert not may_retry(p, "GET", 429, sent=True)
+    assert not may_retry(p, "GET", 413, sent=True)
+    assert not may_retry(p, "GET", 200, sent=True)
 
 
 def test_methods_outside_retry_methods_are_not_retried_after_sending():
-    r = RetryPolicy(max_attempts=3, retry_methods=["GET"]).to_urllib3()
-    assert not r.is_retry("POST", 503)
-    with pytest.raises(ProtocolError):
-        r.increment("POST", "/x", error=ProtocolError("reset"))
+    p = RetryPolicy(max_attempts=3, retry_methods=["GET"])
+    assert not may_retry(p, "POST", 503, sent=True)
+    assert not may_retry(p, "POST", 0, sent=True)
 
 
 def test_a_failed_connect_is_retried_for_any_method():
-    r = RetryPolicy(max_attempts=2, retry_methods=["GET"]).to_urllib3()
-    err = NewConnectionError(None, "refused")
-    assert retried(r, "POST", "/x", error=err).count.retries == 1
+    p = RetryPolicy(max_attempts=2, retry_methods=["GET"])
+    assert may_retry(p, "POST", 0, sent=False)
+    refused = SentNothing.refused(ConnectionRefusedError(111, "refused"))
+    assert len(retried(p, None, "POST", error=refused).history) == 1
 
 
 def test_retry_after_is_capped_at_max_backoff_and_only_for_429_and_503():
-    r = RetryPolicy(max_attempts=2, max_backoff_ms=500).to_urllib3()
-    sleeps = []
-    response = mock.Mock(status=503, headers={"Retry-After": "120"})
-    with mock.patch("time.sleep", sleeps.append):
-        assert r.sleep_for_retry(response)
-        response.status = 502
-        assert not r.sleep_for_retry(response)
-    assert sleeps == [0.5]
+    p = RetryPolicy(max_attempts=3, max_backoff_ms=500)
+    r = retried(p, None, "GET", response=Answer(503))
+    assert pause(p, r, Answer(503, {"Retry-After": "120"})) == 0.5
+    assert pause(p, r, Answer(429, {"Retry-After": "0"})) == 0  # at once, not after the backoff
+    assert pause(RetryPolicy(max_attempts=3, base_backoff_ms=70), r, Answer(502, {"Retry-After": "120"})) == 0.07
 
 
-def test_unparseable_retry_after_falls_back_to_the_backoff():
-    r = retried(RetryPolicy(max_attempts=2, base_backoff_ms=70).to_urllib3(), "GET", "/x", error=ProtocolError("x"))
-    sleeps = []
-    with mock.patch("time.sleep", sleeps.append):
-        r.sleep(mock.Mock(status=503, headers={"Retry-After": "soon-ish"}))
-    assert sleeps == [0.07]
-
-
-def test_new_keeps_the_policy():
-    p = RetryPolicy(max_attempts=5)
-    r = PolicyRetry(policy=p).new(total=1)
-    assert r.policy is p and r.total == 1
+@pytest.mark.parametrize("value", ["soon-ish", "-5", "Fri, 31 Dec 99999 23:59:59 GMT",
+                                   "Fri, 31 Dec 9999999999999999999 23:59:59 GMT"])
+def test_unparseable_retry_after_falls_back_to_the_backoff(value):
+    p = RetryPolicy(max_attempts=2, base_backoff_ms=70)
+    r = retried(p, None, "GET", response=Answer(503))
+    assert pause(p, r, Answer(503, {"Retry-After": value})) == 0.07
 
 
 def test_a_failure_after_sending_is_retried_for_idempotent_methods_only_unless_the_policy_names_the_method():
-    default = RetryPolicy(max_attempts=3).to_urllib3()
-    retried(default, "GET", "/x", error=ProtocolError("reset after sending"))
-    retried(default, "TRACE", "/x", error=ProtocolError("reset after sending"))
-    with pytest.raises(ProtocolError):
-        default.increment("POST", "/x", error=ProtocolError("reset after sending"))
-    assert default.is_retry("POST", 503)  # the upstream's own "not processed" answer
-    named = RetryPolicy(max_attempts=3, retry_methods=["POST"]).to_urllib3()
-    retried(named, "POST", "/x", error=ProtocolError("reset after sending"))
-    with pytest.raises(ProtocolError):
-        named.increment("GET", "/x", error=ProtocolError("reset after sending"))
+    default = RetryPolicy(max_attempts=3)
+    assert may_retry(default, "GET", 0, sent=True) and may_retry(default, "TRACE", 0, sent=True)
+    assert not may_retry(default, "POST", 0, sent=True)
+    assert may_retry(default, "POST", 503, sent=True)  # the upstream's own "not processed" answer
+    named = RetryPolicy(max_attempts=3, retry_methods=["POST"])
+    assert may_retry(named, "POST", 0, sent=True)
+    assert not may_retry(named, "GET", 0, sent=True)
 
 
 @pytest.mark.parametrize("name, value", [("max_attempts", 0), ("base_backoff_ms", -1), ("max_backoff_ms", -1),

@@ -1,10 +1,14 @@
-"""The pure parts of tunnels: which upgrades pass, whether a 101 is the one asked for, and the message relay.
+"""The pure parts of tunnels: which upgrades pass, whether a 101 is the one asked for, the message relay,
+and taking a connection over from gunicorn.
 
 The relay is driven by two wsproto peers standing in for the client and the
-upstream, so frames are real frames and nothing touches a socket.
+upstream, so frames are real frames and nothing touches a socket. The
+takeover is driven by gunicorn's own request parser over a socket pair.
 """
 from __future__ import annotations
 
+import io
+import socket
 import time
 import tracemalloc
 from http.client import HTTPException
@@ -22,6 +26,7 @@ from forkproxy.errors import UpgradeNotSupported
 from forkproxy.messages import TunnelStats
 from forkproxy.http.wire import RequestHead, StatusLine, body_framing
 from forkproxy.relay.wsmessages import MessageRelay
+from forkproxy.server import takeover
 
 
 def h(**fields) -> HTTPHeaderDict:
@@ -314,3 +319,58 @@ def test_the_cap_check_costs_the_same_per_byte_for_a_big_text_message_as_for_a_s
     small = min(cpu_seconds(256 << 10) for _ in range(5))
     big = cpu_seconds(4 << 20)
     assert big / 16 < 4 * small, f"a byte of 4 MiB costs {big / 16 / small:.1f} times a byte of 256 KiB"
+
+
+# -- taking the connection over from gunicorn ---------------------------------------
+
+
+def _served(request: bytes, behind: bytes = b"") -> tuple[dict, socket.socket]:
+    """The environ gunicorn's worker makes for ``request``, read from a socket with ``behind`` sent after it."""
+    from gunicorn.config import Config
+    from gunicorn.http import get_parser, wsgi
+
+    server, client = socket.socketpair()
+    client.sendall(request + behind)
+    cfg = Config()
+    req = next(get_parser(cfg, server, ("127.0.0.1", 1)))
+    environ = wsgi.default_environ(req, server, cfg)
+    environ["wsgi.input"].read()  # forkproxy reads a tunnel request's body before the upstream is asked
+    client.close()
+    return environ, server
+
+
+@pytest.mark.parametrize("framing, body", [("", b""), ("Content-Length: 5\r\n", b"hello"),
+                                           ("Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n")])
+def test_the_bytes_behind_an_upgrade_request_are_handed_over_whatever_its_body(framing, body):
+    head = f"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{framing}\r\n"
+    environ, server = _served(head.encode() + body, b"frames sent right behind")
+    with server:
+        assert takeover.client_socket(environ) is server
+        assert takeover.held_bytes(environ) == b"frames sent right behind"
+
+
+@pytest.mark.parametrize("change", ["HTTP/1.0", "no socket", "wsgi.input replaced"])
+def test_a_connection_the_server_cannot_hand_over_is_refused_before_any_upstream_is_asked(change):
+    version = "HTTP/1.0" if change == "HTTP/1.0" else "HTTP/1.1"
+    environ, server = _served(f"GET /ws {version}\r\nHost: x\r\nUpgrade: websocket\r\n\r\n".encode())
+    if change == "no socket":
+        del environ["gunicorn.socket"]
+    elif change == "wsgi.input replaced":  # a middleware's: gunicorn's read-ahead is out of reach
+        environ["wsgi.input"] = io.BytesIO()
+    with server, pytest.raises(UpgradeNotSupported):
+        takeover.client_socket(environ)
+
+
+def test_the_installed_gunicorn_has_every_internal_a_tunnel_relies_on():
+    takeover.check()
+
+
+def test_a_gunicorn_without_take_buffered_stops_the_start_with_one_line_naming_it(monkeypatch):
+    import gunicorn
+    from gunicorn.http.unreader import Unreader
+
+    monkeypatch.delattr(Unreader, "take_buffered")
+    with pytest.raises(takeover.TakeoverUnavailable) as raised:
+        takeover.check()
+    message = str(raised.value)
+    assert "\n" not in message and f"gunicorn {gunicorn.__version__}" in message and "take_buffered" in message

@@ -51,14 +51,20 @@ def unfit_for_target(path: str) -> bool:
     return _NOT_IN_A_TARGET.search(path) is not None
 
 
-def _store_is_grouped_by_lower_name() -> bool:
+def store_is_grouped_by_lower_name() -> bool:
+    """Whether HTTPHeaderDict keeps ``_container`` as ``fields`` reads it (urllib3 2.x).
+
+    A worker does not start when it does not (``server.capabilities``); in
+    a process without gunicorn the public methods are used instead: the same
+    fields, only slower.
+    """
     probe = HTTPHeaderDict()
     probe.add("A", "1")
     probe.add("a", "2")
     return getattr(probe, "_container", None) == {"a": ["A", "1", "2"]}
 
 
-_GROUPED_STORE = _store_is_grouped_by_lower_name()  # urllib3 2.x; else its public methods are used
+_GROUPED_STORE = store_is_grouped_by_lower_name()
 
 
 def _store(headers: HTTPHeaderDict) -> dict[str, list[str]] | None:

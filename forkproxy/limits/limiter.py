@@ -40,9 +40,9 @@ class Store(Protocol):
 
 
 def open_store(spec: str, timeout: float) -> Store:
-    """``local``, ``local:PATH``, or a ``redis://`` / ``rediss://`` URL (checked by config)."""
+    """``local``, ``local:PATH`` or a ``redis://`` / ``rediss://`` URL (checked by config); ``timeout`` bounds Redis."""
     if spec == "local" or spec.startswith("local:"):
-        return LocalStore(store_path(spec), timeout)
+        return LocalStore(store_path(spec))
     return RedisStore(spec, timeout)
 
 

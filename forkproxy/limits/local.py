@@ -63,9 +63,10 @@ class StoreFull(Exception):
 
 
 class LocalStore:
-    def __init__(self, path: str | None, timeout: float) -> None:
+    """The LMDB store shared by one machine's workers; unbounded by ``limits_timeout``: a write waits microseconds."""
+
+    def __init__(self, path: str | None) -> None:
         self.path = path or paths.default_path()
-        self.timeout = timeout  # a write transaction waits microseconds for another process: not bounded here
         self._env: lmdb.Environment | None = None
         self._pid = 0
         self._sweep_from = b""

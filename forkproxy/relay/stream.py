@@ -5,41 +5,74 @@ event stream, or one read of any other body. It goes through
 ``on_stream_chunk`` and whatever the hook wrote is yielded to the server at
 once: nothing is held back. Reads are plain socket reads, which gevent makes
 cooperative, so one worker relays thousands of streams.
+
+A stream ends once. How is one ``StreamEnd``, decided where its cause is
+seen: the body's end, a failed read (``upstream_failed``), a raising
+``on_stream_chunk`` (``hook_failed``), the server closing the iterable
+(``client_gone``), ``shutdown.stop_all`` (``worker_stopping``), or anything
+else ending the greenlet (``interrupted``). ``StreamRelay.finish`` does what
+every end needs, in one place: the upstream connection released or closed,
+the stats, the log line, the shutdown registry, metrics, ``on_stream_end``.
 """
 from __future__ import annotations
 
 import errno
 import logging
 from http.client import HTTPException
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 import gevent
-import gevent.queue
 import urllib3
 from urllib3.exceptions import DecodeError
 from urllib3.response import BaseHTTPResponse, MultiDecoder
 
-from forkproxy.http import headers as header_rules
-from forkproxy import hooks
-from forkproxy.server import shutdown
 from forkproxy.errors import BadUpstreamResponse
-from forkproxy.server.inbound import REQUEST_ID_HEADER
+from forkproxy.hooks import call_after_head, log_failure
+from forkproxy.http import headers as header_rules
+from forkproxy.http.sse import EventFramer, EventTooLarge
 from forkproxy.messages import Request, StreamStats, StreamWriter, describe
 from forkproxy.metrics import metrics
-from forkproxy.http.sse import EventFramer, EventTooLarge
+from forkproxy.relay.heartbeat import HEARTBEAT, Units, paced
+from forkproxy.server import shutdown
+from forkproxy.server.inbound import REQUEST_ID_HEADER
 from forkproxy.upstream.failures import body_error
 from forkproxy.upstream.members import BaseURL
 from forkproxy.upstream.reply import UpstreamReply
 
-if TYPE_CHECKING:
-    from forkproxy.proxy import Proxy
-
 log = logging.getLogger("forkproxy")
 
-# An SSE comment line: ignored by every client, but it crosses the network,
-# so intermediaries keep an idle stream open and a gone client shows.
-HEARTBEAT = b": keep-alive\n\n"
 _DECODE_STEP = 64 * 1024  # the most one decode of a compressed event stream gives
+
+
+class StreamHooks(NamedTuple):
+    """The hooks a stream calls (the proxy's ``on_stream_chunk`` and ``on_stream_end``), handed to it."""
+
+    on_chunk: Callable[[bytes, StreamWriter, StreamStats], None]
+    on_end: Callable[[Request, StreamWriter, StreamStats], None]
+
+
+class StreamSettings(NamedTuple):
+    idle_timeout: float  # ``stream_idle_timeout``: the longest wait for one read; 0 waits for ever
+    max_event_bytes: int  # the largest event an event stream may hold
+    heartbeat_secs: float  # an event stream's heartbeat after that long with no read; 0: none
+
+
+Reason = Literal["complete", "upstream_failed", "hook_failed", "client_gone", "worker_stopping", "interrupted"]
+
+
+class StreamEnd(NamedTuple):
+    """How a stream ended: its reason, and for the log line what broke (``unforeseen``: with its traceback)."""
+
+    reason: Reason
+    detail: str = ""
+    unforeseen: Exception | None = None
+
+
+_COMPLETE = StreamEnd("complete")
+_CLIENT_GONE = StreamEnd("client_gone")
+_WORKER_STOPPING = StreamEnd("worker_stopping", "worker stopping")
+# Ends seen where the relay yields no more: what on_stream_end writes is dropped.
+_UNHEARD = ("client_gone", "worker_stopping", "interrupted")
 
 
 def is_event_stream(headers: urllib3.HTTPHeaderDict) -> bool:
@@ -72,30 +105,32 @@ class StreamAborted(ConnectionResetError):
 class StreamRelay:
     """One streamed response: the upstream body, the hooks, the client."""
 
-    def __init__(self, proxy: "Proxy", req: Request, resp: UpstreamReply, upstream: BaseURL) -> None:
-        self.proxy = proxy
+    def __init__(self, req: Request, reply: UpstreamReply, member: BaseURL, hooks: StreamHooks,
+                 settings: StreamSettings) -> None:
         self.req = req
-        self.resp = resp
-        self.upstream = upstream
-        self.sse = is_event_stream(resp.headers)
+        self.reply = reply
+        self.member = member
+        self.hooks = hooks
+        self.settings = settings
+        self.sse = is_event_stream(reply.headers)
         # An event stream is framed (and seen by hooks) decoded; other bodies pass as sent.
-        self.decoder = content_decoder(resp.headers) if self.sse else None
+        self.decoder = content_decoder(reply.headers) if self.sse else None
         self.stats = StreamStats(req)
         self.out = StreamWriter()
-        self._units: Iterator[bytes] | None = None
         self.greenlet: gevent.Greenlet | None = None  # the request's, while the relay runs
         self.stopping = False  # the worker is stopping: shutdown.stop_all ended this stream
+        self.end: StreamEnd | None = None  # how it ended, once it has
+        self._units: Iterator[bytes] | None = None
+        self._stop_reading: Callable[[], None] = _nothing
+        # From here on a read may wait ``stream_idle_timeout``, not ``timeout``.
+        reply.set_read_timeout(settings.idle_timeout or None)
 
-    def reply(self) -> tuple[int, list[tuple[str, str]], "StreamRelay"]:
+    def head(self) -> tuple[int, list[tuple[str, str]]]:
+        """The status and the upstream's fields as they go to the client, without forkproxy's own."""
         drop = ("content-encoding",) if self.decoder else ()
         # No CR, LF or NUL to check for: wire.read_head refused those already.
-        pairs = header_rules.client_response_headers(self.resp.headers, keep_content_length=False,
-                                                     drop=(*drop, REQUEST_ID_HEADER.lower()))
-        pairs.append(("X-Accel-Buffering", "no"))
-        pairs.append((REQUEST_ID_HEADER, self.req.request_id))
-        pairs += self.req.rate_limit_headers
-        self._set_idle_timeout()
-        return self.resp.status, pairs, self
+        return self.reply.status, header_rules.client_response_headers(
+            self.reply.headers, keep_content_length=False, drop=(*drop, REQUEST_ID_HEADER.lower()))
 
     # -- the WSGI iterable: the server iterates the relay, then closes it ------
 
@@ -107,7 +142,7 @@ class StreamRelay:
     def close(self) -> None:
         """The server is done with the reply: a relay never iterated (its head was refused) lets go of the upstream."""
         if self._units is None:
-            self.resp.close()
+            self.reply.close()
         else:
             self._units.close()
 
@@ -120,17 +155,11 @@ class StreamRelay:
     # -- the relay ---------------------------------------------------------
 
     def _relay(self) -> Iterator[bytes]:
-        proxy, out, stats = self.proxy, self.out, self.stats
-        failure = None
-        stop_reading = _nothing
-        counters = metrics()
-        if counters.enabled:
-            counters.active_streams.inc()
-        self.greenlet = gevent.getcurrent()
-        shutdown.opened(self)
+        out, stats, on_chunk = self.out, self.stats, self.hooks.on_chunk
+        self._open()
         try:
             yield b""  # the server sends status and headers now, not with the first unit
-            next_units, stop_reading = self._unit_source()
+            next_units = self._unit_source()
             while (units := next_units()) is not None:
                 for unit in units:
                     if unit is HEARTBEAT:
@@ -139,66 +168,67 @@ class StreamRelay:
                     stats.byte_count += len(unit)
                     stats.chunk_count += 1
                     try:
-                        proxy.on_stream_chunk(unit, out, stats)
+                        on_chunk(unit, out, stats)
                     except Exception as exc:
-                        raise _HookFailed() from exc
+                        raise _Ended(StreamEnd("hook_failed", log_failure(on_chunk, describe(self.req), exc)))
                     pending = out.take()
                     if pending:
                         yield b"".join(pending) if len(pending) > 1 else pending[0]
+            end = _COMPLETE
+        except _Ended as ended:
+            end = ended.end
         except GeneratorExit:  # the server closed us: the client went away, or the worker stopped us
-            out.discarding = True
-            stop_reading()
-            if self.stopping:
-                self._cut("worker stopping")
-            else:
-                stats.client_disconnected = True
-                self.resp.close()
-            self._end()
+            self.finish(_WORKER_STOPPING if self.stopping else _CLIENT_GONE)
             raise
-        except _HookFailed as exc:
-            failure = hooks.log_failure(proxy.on_stream_chunk, describe(self.req), exc.__cause__)
-        except _UpstreamFailed as exc:
-            failure = str(exc)
         except BaseException as exc:
             # The worker is stopping (forkproxy's shutdown, or gunicorn killing what outlived
             # graceful_timeout), or something unforeseen broke: the stream still ends once, billed.
-            stop_reading()
-            out.discarding = True
-            reason = "worker stopping" if self.stopping else f"{type(exc).__name__} {exc}".strip()
-            self._cut(reason, exc_info=isinstance(exc, Exception))
-            self._end()
+            end = _WORKER_STOPPING if self.stopping else _interrupted(exc)
+            self.finish(end)
             if isinstance(exc, (Exception, shutdown.WorkerStopping)):
-                raise StreamAborted(reason) from exc  # gunicorn closes the connection quietly
+                raise StreamAborted(end.detail) from exc  # gunicorn closes the connection quietly
             raise
-        finally:
-            stop_reading()
-        if failure is not None:
-            self._cut(failure)
-        else:
-            self.resp.release()
-        self._end()
-        pending = out.take()
+        self.finish(end)
+        pending = out.take()  # what on_stream_end wrote
         if pending:
             yield b"".join(pending)
-        if failure is not None:
-            raise StreamAborted(failure)
+        if end is not _COMPLETE:
+            raise StreamAborted(end.detail)
 
-    def _cut(self, reason: str, exc_info: bool = False) -> None:
-        self.stats.errored = True
-        self.resp.close()
-        log.warning("%s: stream cut after %d units: %s", describe(self.req), self.stats.chunk_count, reason,
-                    exc_info=exc_info)
+    def _open(self) -> None:
+        counters = metrics()
+        if counters.enabled:
+            counters.active_streams.inc()
+        self.greenlet = gevent.getcurrent()
+        shutdown.opened(self)
 
-    def _end(self) -> None:
+    def finish(self, end: StreamEnd) -> None:
+        """The stream is over: the once-only work of every end, from how it ended."""
+        if self.end is not None:
+            return
+        self.end = end
+        self._stop_reading()
+        stats, req, reason = self.stats, self.req, end.reason
+        if reason in _UNHEARD:
+            self.out.discarding = True
+        if reason == "complete":
+            self.reply.release()
+        else:
+            self.reply.close()
+            if reason == "client_gone":
+                stats.client_disconnected = True
+            else:
+                stats.errored = True
+                log.warning("%s: stream cut after %d units: %s", describe(req), stats.chunk_count, end.detail,
+                            exc_info=end.unforeseen)
         shutdown.closed(self)
-        stats = self.stats
         counters = metrics()
         if counters.enabled:
             counters.active_streams.dec()
             counters.stream_ended(stats.chunk_count, stats.byte_count)
-            counters.answered(self.req.method, self.resp.status, self.upstream.origin,
+            counters.answered(req.method, self.reply.status, self.member.origin,
                               "stream_cut" if stats.errored else None)
-        hooks.call_after_head(self.proxy.on_stream_end, describe(self.req), self.req, self.out, stats)
+        call_after_head(self.hooks.on_end, describe(req), req, self.out, stats)
 
     # -- reading units ---------------------------------------------------------
     #
@@ -206,17 +236,17 @@ class StreamRelay:
     # generators: a stream waits in that read most of its life, and each
     # generator level would be one more C frame kept on the greenlet's stack.
 
-    def _unit_source(self) -> tuple[Callable[[], list[bytes] | None], Callable[[], None]]:
-        """(next_units, stop): next_units() gives the units of one read, None at the end."""
-        next_units = self._framed_units()
-        if self.sse and self.proxy.sse_heartbeat_secs:
-            return _with_heartbeats(next_units, self.proxy.sse_heartbeat_secs)
-        return next_units, _nothing
+    def _unit_source(self) -> Units:
+        """A function giving the units of one read, None at the end; with heartbeats, if they are on."""
+        next_units, interval = self._framed_units(), self.settings.heartbeat_secs
+        if self.sse and interval:
+            next_units, self._stop_reading = paced(next_units, interval)
+        return next_units
 
-    def _framed_units(self) -> Callable[[], list[bytes] | None]:
-        upstream, pieces = self.upstream, self._body_pieces()
+    def _framed_units(self) -> Units:
+        member, pieces = self.member, self._body_pieces()
         if self.sse:
-            framer = EventFramer(self.proxy.max_event_bytes)
+            framer = EventFramer(self.settings.max_event_bytes)
 
             def units() -> list[bytes] | None:
                 got = pieces()
@@ -230,12 +260,12 @@ class StreamRelay:
             try:
                 return units()
             except EventTooLarge as exc:
-                raise _UpstreamFailed(str(exc)) from exc
+                raise _Ended(StreamEnd("upstream_failed", str(exc))) from exc
             except (urllib3.exceptions.HTTPError, HTTPException, OSError, ValueError) as exc:
-                raise _UpstreamFailed(body_error(exc, upstream).message) from exc
+                raise _Ended(StreamEnd("upstream_failed", body_error(exc, member).message)) from exc
         return checked
 
-    def _body_pieces(self) -> Callable[[], list[bytes] | None]:
+    def _body_pieces(self) -> Units:
         """A function giving the body bytes of one read (whole chunks for a chunked body), None at the end.
 
         A compressed event stream is decoded here so the framer and the hooks
@@ -244,16 +274,17 @@ class StreamRelay:
         over as many calls as that takes, the framer checking each step
         against ``max_event_bytes``.
         """
-        pieces, decoder = self.resp.pieces(waiting=self.sse), self.decoder
+        reply, decoder = self.reply, self.decoder
+        pieces = reply.pieces(waiting=self.sse)
         if decoder is None:
             return pieces
-        step = min(_DECODE_STEP, self.proxy.max_event_bytes)
+        step = min(_DECODE_STEP, self.settings.max_event_bytes)
 
         def undo(decode: Callable[..., bytes], *args: Any) -> bytes:
             try:
                 return decode(*args)
             except Exception as exc:  # zlib.error, brotli.error, ...: the body is not what it claims
-                raise DecodeError(f"undecodable {self.resp.headers['content-encoding']} body: {exc}") from exc
+                raise DecodeError(f"undecodable {reply.headers['content-encoding']} body: {exc}") from exc
 
         def decoded() -> list[bytes] | None:
             while not decoder.has_unconsumed_tail:
@@ -267,52 +298,19 @@ class StreamRelay:
             return [undo(decoder.decompress, b"", step)]
         return decoded
 
-    # -- the upstream connection --------------------------------------------
 
-    def _set_idle_timeout(self) -> None:
-        """From here on a read may wait ``stream_idle_timeout``, not ``timeout``."""
-        self.resp.set_read_timeout(self.proxy.stream_idle_timeout or None)
-
-
-def _with_heartbeats(next_units: Callable[[], list[bytes] | None],
-                     interval: float) -> tuple[Callable[[], list[bytes] | None], Callable[[], None]]:
-    """``next_units`` that gives [HEARTBEAT] whenever no read finished for ``interval`` seconds.
-
-    A blocked socket read cannot be given up and resumed, so the reads move
-    to a greenlet of their own and the relay waits on a queue with a timeout.
-    """
-    queue: gevent.queue.Queue = gevent.queue.Queue(maxsize=1)
-
-    def pump() -> None:
-        try:
-            while True:
-                units = next_units()
-                queue.put(units)
-                if units is None:
-                    return
-        except Exception as exc:
-            queue.put(exc)
-
-    reader = gevent.spawn(pump)
-
-    def paced() -> list[bytes] | None:
-        try:
-            item = queue.get(timeout=interval)
-        except gevent.queue.Empty:
-            return [HEARTBEAT]
-        if isinstance(item, Exception):
-            raise item
-        return item
-    return paced, lambda: reader.kill(block=False)
+def _interrupted(exc: BaseException) -> StreamEnd:
+    """The end of a stream something unforeseen ended: a bug (logged with its traceback), or a kill."""
+    return StreamEnd("interrupted", f"{type(exc).__name__} {exc}".strip(), exc if isinstance(exc, Exception) else None)
 
 
 def _nothing() -> None:
     pass
 
 
-class _HookFailed(Exception):
-    """on_stream_chunk raised what is this exception's cause."""
+class _Ended(Exception):
+    """Carries a stream's end from where its cause was seen (a read, the chunk hook) out of the relay loop."""
 
-
-class _UpstreamFailed(Exception):
-    """The upstream broke the stream; the message is the reason for the log."""
+    def __init__(self, end: StreamEnd) -> None:
+        super().__init__(end.detail)
+        self.end = end

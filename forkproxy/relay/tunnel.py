@@ -1,16 +1,10 @@
 """Tunnels: after an upstream's 101, the client's connection and the upstream's joined both ways.
 
-Taking the client connection from gunicorn. The gevent worker owns the
-client socket (``environ["gunicorn.socket"]``) and, after a reply, writes
-its end (a final chunk) and reads the next request from it. A tunnel writes
-the 101 head itself, relays until both sides are done, and then raises
-``StopIteration`` out of the WSGI call: gunicorn's worker takes that as
-"close this connection" (``base_async.handle``): it writes nothing more,
-reads no next request, and closes the socket (the signal flask-sock uses
-too). Bytes the client sent right behind its request head may already sit
-in gunicorn's reader; they are taken from it (``wsgi.input.reader.unreader
-.take_buffered()``, gunicorn 27's own way to hand such bytes on) and sent
-first. Those two are the gunicorn internals a tunnel relies on.
+Taking the client connection from gunicorn (``forkproxy.server.takeover``,
+where the gunicorn internals this needs are kept): a tunnel writes the 101
+head itself, sends first the bytes the client sent behind its request that
+gunicorn already read, relays until both sides are done, and then the
+caller has gunicorn close the connection (``takeover.give_back``).
 
 Copying. One greenlet per direction (the request's own carries client to
 upstream): each is a plain read-then-write loop, so a slow reader holds
@@ -19,10 +13,12 @@ passed on as a shutdown of the other side's write half (half-close, as Go's
 ReverseProxy and Caddy do; a TLS connection cannot be half-closed in
 Python's ssl, so there the tunnel ends). The tunnel is over when both
 directions are done, on a reset, a proxy-made close, or ``tunnel_idle_timeout``
-with no byte either way; ending it shuts both sockets, which wakes whichever
-loop is still waiting.
+with no byte either way; cutting it shuts both sockets, which wakes whichever
+loop is still waiting. How it ended is one ``TunnelEnd``, decided where the
+cause is seen (the first cut wins; without one, the side that closed first),
+and ``Tunnel.finish`` does what every end needs, in one place.
 
-Without ``on_ws_message`` bytes are copied as read. With it, ``wsrelay``
+Without ``on_ws_message`` bytes are copied as read. With it, ``wsmessages``
 turns each read into messages and back.
 """
 from __future__ import annotations
@@ -32,25 +28,21 @@ import socket
 import time
 from email.utils import formatdate
 from http.client import HTTPException
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, NamedTuple
 
 import gevent
 from gevent.lock import Semaphore
 
+from forkproxy.errors import BadUpstreamResponse
+from forkproxy.hooks import call_after_head, log_failure
 from forkproxy.http import handshake
-from forkproxy import hooks
-from forkproxy.server import shutdown
-from forkproxy.errors import BadUpstreamResponse, UpgradeNotSupported
-from forkproxy.server.inbound import REQUEST_ID_HEADER
 from forkproxy.messages import Request, TunnelStats, describe
 from forkproxy.metrics import metrics
+from forkproxy.relay.wsmessages import MessageHook, MessageRelay
+from forkproxy.server import shutdown, takeover
 from forkproxy.server.worker import ENV_BYTES_IN, log_access
 from forkproxy.upstream.members import BaseURL
 from forkproxy.upstream.reply import UpstreamReply
-from forkproxy.relay.wsmessages import MessageRelay
-
-if TYPE_CHECKING:
-    from forkproxy.proxy import Proxy
 
 log = logging.getLogger("forkproxy")
 
@@ -58,22 +50,31 @@ _READ = 64 * 1024
 _DEFLATE_READ = 4 * 1024  # compressed input per step: a deflated message expands at most ~1000-fold per read
 
 
-def client_socket(environ: dict) -> Any:
-    """The client's socket, when the server lets a tunnel take it; UpgradeNotSupported otherwise."""
-    sock = environ.get("gunicorn.socket")
-    if sock is None or environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
-        raise UpgradeNotSupported("a tunnel needs an HTTP/1.1 client connection served by gunicorn")
-    return sock
+class TunnelHooks(NamedTuple):
+    """The hooks a tunnel calls, handed to it: ``on_ws_message`` (None unless it is user code), ``on_tunnel_end``."""
+
+    on_message: MessageHook | None
+    on_end: Callable[[Request, TunnelStats], None]
 
 
-def _held_by_server(environ: dict) -> bytes:
-    """Bytes gunicorn's reader already took from the socket past the request (pipelined tunnel bytes)."""
-    unreader = getattr(getattr(environ.get("wsgi.input"), "reader", None), "unreader", None)
-    take = getattr(unreader, "take_buffered", None)
-    return take() if take is not None else b""
+class TunnelSettings(NamedTuple):
+    idle_timeout: float  # ``tunnel_idle_timeout``: the tunnel ends after that long with no byte either way
+    max_message_bytes: int  # ``max_ws_message_bytes``: the largest message a message hook is handed
 
 
-class _End:
+class TunnelEnd(NamedTuple):
+    """How a tunnel ended: who ended it (``TunnelStats.closed_by``), whether by a failure, and why (for the log)."""
+
+    closed_by: str  # "client", "upstream", "idle" or "proxy"
+    errored: bool
+    detail: str
+
+
+_IDLE = TunnelEnd("idle", False, "no byte either way for tunnel_idle_timeout")
+_WORKER_STOPPING = TunnelEnd("proxy", True, "worker stopping")
+
+
+class _Side:
     """One side of the tunnel: its socket, the bytes read ahead of the tunnel, a write lock when two may write."""
 
     __slots__ = ("name", "sock", "held", "lock", "tls")
@@ -102,83 +103,87 @@ class _End:
 class Tunnel:
     """One tunnel: made once the upstream answered 101, run in the request's greenlet."""
 
-    def __init__(self, proxy: "Proxy", req: Request, reply: UpstreamReply, upstream: BaseURL, asked: str) -> None:
-        self.proxy = proxy
+    def __init__(self, req: Request, reply: UpstreamReply, member: BaseURL, upgrade: str,
+                 own_fields: list[tuple[str, str]], hooks: TunnelHooks, settings: TunnelSettings) -> None:
+        """``own_fields``: forkproxy's own fields for the client's 101 (its request id, RateLimit fields)."""
         self.req = req
         self.reply = reply
-        self.upstream = upstream
+        self.member = member
+        self.own_fields = own_fields
+        self.hooks = hooks
         self.stats = TunnelStats(req)
-        self.idle_timeout = proxy.tunnel_idle_timeout
+        self.idle_timeout = settings.idle_timeout
         self.relay: MessageRelay | None = None
         self.read_size = _READ
-        if proxy.wants_messages() and handshake.check_switch(asked, reply.headers) == handshake.WEBSOCKET:
+        if hooks.on_message is not None and handshake.check_switch(upgrade, reply.headers) == handshake.WEBSOCKET:
             try:
                 deflate = handshake.accepted_deflate(reply.headers)
             except HTTPException as exc:
                 raise BadUpstreamResponse(str(exc)) from None
-            self.relay = MessageRelay(proxy.on_ws_message, self.stats, proxy.max_ws_message_bytes, deflate)
+            self.relay = MessageRelay(hooks.on_message, self.stats, settings.max_message_bytes, deflate)
             self.read_size = _DEFLATE_READ if deflate else _READ
         self.greenlet: gevent.Greenlet | None = None
-        self._client: _End | None = None
-        self._upstream: _End | None = None
-        self._last = 0.0
-        self._ending = False
-        self._first_closer = ""
+        self.end: TunnelEnd | None = None  # the first cut; once over, how it ended
+        # Taken last: once gunicorn's read-ahead is taken, the tunnel owns the client connection.
+        self._client = _Side("client", takeover.client_socket(req.environ), takeover.held_bytes(req.environ),
+                             locked=self.relay is not None)  # with messages, a close may come from either way
+        self._upstream: _Side | None = None
+        self._first_closer = ""  # the side whose end of file came first
+        self._started = self._last = 0.0
 
     # -- run -----------------------------------------------------------------
 
     def run(self) -> None:
         """Answer the client's upgrade and relay until the tunnel is over; never raises but to stop the worker."""
-        environ = self.req.environ
-        locked = self.relay is not None  # with messages, a close may be written by the other direction
         try:
             up_sock, up_held = self.reply.take_socket()
-            reset = False
-        except OSError:  # reset right behind its 101: the client still gets the 101, then the end
-            up_sock, up_held, reset = self.reply.socket(), b"", True
-        self._upstream = _End("upstream", up_sock, up_held, locked)
-        self._client = _End("client", client_socket(environ), _held_by_server(environ), locked)
-        self.greenlet = gevent.getcurrent()
-        started = self._last = time.monotonic()
-        shutdown.opened(self)
-        counters = metrics()
-        if counters.enabled:
-            counters.active_tunnels.inc()
+            reset = None
+        except OSError as exc:  # reset right behind its 101: the client still gets the 101, then the end
+            up_sock, up_held, reset = self.reply.socket(), b"", exc
+        self._upstream = _Side("upstream", up_sock, up_held, locked=self.relay is not None)
+        self._open()
         other = None
         try:
-            for end in (self._client, self._upstream):
-                end.sock.settimeout(self.idle_timeout)
-            own = (("Date", formatdate(usegmt=True)), (REQUEST_ID_HEADER, self.req.request_id),
-                   *self.req.rate_limit_headers)  # what the server adds to, and forkproxy sets in, every reply
-            head = handshake.client_head(self.reply.reason, self.reply.headers, own)
-            try:
-                self._client.write(head)
-            except OSError:
-                self._end("client", errored=True)
-            if reset:
-                self._end("upstream", errored=True)
-            if not self._ending:
+            for side in (self._client, self._upstream):
+                side.sock.settimeout(self.idle_timeout)
+            self._write(self._client, self._head())
+            if reset is not None:
+                self._cut(TunnelEnd("upstream", True, f"reset right behind its 101: {reset}"))
+            if self.end is None:
                 other = gevent.spawn(self._copy, self._upstream, self._client)
                 self._copy(self._client, self._upstream)
                 other.join()
         finally:
             if other is not None and not other.dead:
                 other.kill(block=False)  # the request's greenlet was killed: its partner goes too
-            self._finish(time.monotonic() - started)
+            self.finish(self.end or self._uncut_end())
 
     def stop(self) -> None:
         """Called by ``shutdown.stop_all``: the worker is stopping; end the tunnel now."""
-        self._end("proxy", errored=True)
+        self._cut(_WORKER_STOPPING)
+
+    def _open(self) -> None:
+        self.greenlet = gevent.getcurrent()
+        self._started = self._last = time.monotonic()
+        shutdown.opened(self)
+        counters = metrics()
+        if counters.enabled:
+            counters.active_tunnels.inc()
+
+    def _head(self) -> bytes:
+        """The client's 101, with what the server adds to every reply (Date) and forkproxy's own fields."""
+        own = (("Date", formatdate(usegmt=True)), *self.own_fields)
+        return handshake.client_head(self.reply.reason, self.reply.headers, own)
 
     # -- one direction -------------------------------------------------------
 
-    def _copy(self, src: _End, dst: _End) -> None:
+    def _copy(self, src: _Side, dst: _Side) -> None:
         data, src.held = src.held, b""
         while True:
             if data:
                 self._last = time.monotonic()
                 self._carry(src, dst, data)
-            if self._ending:
+            if self.end is not None:
                 return
             data = self._read(src)
             if data is None:
@@ -187,28 +192,28 @@ class Tunnel:
                 self._passed_end(src, dst)
                 return
 
-    def _read(self, src: _End) -> bytes | None:
-        """One read; b"" at the side's end of file; None when the tunnel ended (idle, reset, or from elsewhere)."""
+    def _read(self, src: _Side) -> bytes | None:
+        """One read; b"" at the side's end of file; None when the tunnel was cut (idle, reset, or from elsewhere)."""
         sock, shortened = src.sock, False
         while True:
             try:
                 data = sock.recv(self.read_size)
             except socket.timeout:
                 left = self._last + self.idle_timeout - time.monotonic()
-                if left <= 0 or self._ending:
-                    self._end("idle")
+                if left <= 0 or self.end is not None:
+                    self._cut(_IDLE)
                     return None
                 sock.settimeout(left)  # another read was active meanwhile: wait out the rest
                 shortened = True
                 continue
-            except (OSError, ValueError):
-                self._end(src.name, errored=True)
+            except (OSError, ValueError) as exc:
+                self._cut(_failed(src, exc))
                 return None
             if shortened:
                 sock.settimeout(self.idle_timeout)
-            return None if self._ending and not data else data
+            return None if self.end is not None and not data else data
 
-    def _carry(self, src: _End, dst: _End, data: bytes) -> None:
+    def _carry(self, src: _Side, dst: _Side, data: bytes) -> None:
         from_client = src is self._client
         stats = self.stats
         if from_client:
@@ -227,60 +232,74 @@ class Tunnel:
         if relay.close_code is not None:
             self._proxy_closed(relay)
 
-    def _write(self, dst: _End, data: bytes) -> None:
+    def _write(self, dst: _Side, data: bytes) -> None:
         try:
             dst.write(data)
         except socket.timeout:
-            self._end("idle")  # the reader took nothing for tunnel_idle_timeout
-        except (OSError, ValueError):
-            self._end(dst.name, errored=True)
+            self._cut(_IDLE)  # the reader took nothing for tunnel_idle_timeout
+        except (OSError, ValueError) as exc:
+            self._cut(_failed(dst, exc))
 
-    def _passed_end(self, src: _End, dst: _End) -> None:
+    def _passed_end(self, src: _Side, dst: _Side) -> None:
         """``src`` closed its write half: so does forkproxy towards ``dst`` (or the tunnel ends, for TLS)."""
-        if self._ending:
+        if self.end is not None:
             return
         self._first_closer = self._first_closer or src.name
         if src.tls or dst.tls:
-            self._end(src.name)
+            self._cut(TunnelEnd(src.name, False, "end of file over TLS, which cannot be half-closed"))
             return
         dst.shut(socket.SHUT_WR)
 
     def _proxy_closed(self, relay: MessageRelay) -> None:
-        failure = relay.hook_failure
-        if failure is not None:
-            hooks.log_failure(self.proxy.on_ws_message, describe(self.req), failure)
-        else:
-            log.warning("%s: tunnel closed with %d: %s", describe(self.req), relay.close_code, relay.close_reason)
-        self._end("proxy", errored=True)
+        """The message relay closed both sides itself: a message over the cap, a bad frame, or the hook failed."""
+        if relay.hook_failure is not None:
+            log_failure(self.hooks.on_message, describe(self.req), relay.hook_failure)
+        self._cut(TunnelEnd("proxy", True, f"closed with {relay.close_code}: {relay.close_reason}"))
 
-    def _end(self, closed_by: str, errored: bool = False) -> None:
-        """The tunnel is over: both sockets are shut, which wakes a loop still waiting on either."""
-        if self._ending:
+    def _cut(self, end: TunnelEnd) -> None:
+        """End the tunnel now, for the first cause only: both sockets are shut, which wakes a loop still waiting."""
+        if self.end is not None:
             return
-        self._ending = True
-        self.stats.closed_by = closed_by
-        self.stats.errored = self.stats.errored or errored
-        for end in (self._client, self._upstream):
-            if end is not None:
-                end.shut(socket.SHUT_RDWR)
+        self.end = end
+        for side in (self._client, self._upstream):
+            if side is not None:
+                side.shut(socket.SHUT_RDWR)
+
+    def _uncut_end(self) -> TunnelEnd:
+        """How a tunnel nothing cut ended: by the side that closed first (its close frame, else its end of file)."""
+        first = (self.relay.closed_first if self.relay is not None else "") or self._first_closer
+        if first:
+            return TunnelEnd(first, False, "each side closed its own way")
+        return TunnelEnd("proxy", False, "the relay was stopped before either side closed")
 
     # -- the end -------------------------------------------------------------
 
-    def _finish(self, seconds: float) -> None:
+    def finish(self, end: TunnelEnd) -> None:
+        """The tunnel is over: the once-only work of every end, from how it ended."""
+        self.end = end
         shutdown.closed(self)
         self.reply.close()  # the upstream connection is never reused; its pool slot is free again
-        if self._client is not None:
-            self._client.shut(socket.SHUT_RDWR)  # gunicorn closes the socket itself
-        stats = self.stats
-        closed_first = self.relay.closed_first if self.relay is not None else ""
-        stats.closed_by = stats.closed_by or closed_first or self._first_closer or "proxy"
+        self._client.shut(socket.SHUT_RDWR)  # gunicorn closes the socket itself
+        req, stats = self.req, self.stats
+        stats.closed_by = end.closed_by
+        stats.errored = stats.errored or end.errored
+        # A peer's end is routine; the proxy's own cut says why.
+        level = logging.WARNING if end.closed_by == "proxy" and end.errored else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "%s: tunnel ended by %s%s: %s", describe(req), end.closed_by,
+                    " (errored)" if end.errored else "", end.detail)
         counters = metrics()
         if counters.enabled:
             counters.active_tunnels.dec()
             counters.tunnel_ended(stats.bytes_from_client, stats.bytes_from_upstream)
-            counters.answered(self.req.method, 101, self.upstream.origin, "tunnel_cut" if stats.errored else None)
-        hooks.call_after_head(self.proxy.on_tunnel_end, describe(self.req), self.req, stats)
-        environ = self.req.environ
+            counters.answered(req.method, 101, self.member.origin, "tunnel_cut" if stats.errored else None)
+        call_after_head(self.hooks.on_end, describe(req), req, stats)
+        environ = req.environ
         environ[ENV_BYTES_IN] = stats.bytes_from_client
         log_access(environ, f"101 {self.reply.reason or 'Switching Protocols'}", stats.bytes_from_upstream,
-                   self.req.headers, seconds)
+                   req.headers, time.monotonic() - self._started)
+
+
+def _failed(side: _Side, exc: BaseException) -> TunnelEnd:
+    """A read or write on ``side`` failed (reset, broken pipe, a TLS error): that side ended the tunnel."""
+    return TunnelEnd(side.name, True, f"{type(exc).__name__}: {exc}")

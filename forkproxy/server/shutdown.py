@@ -1,12 +1,14 @@
-"""Ending open streams before a stopping worker is killed, so each is still billed.
+"""Ending open streams and tunnels before a stopping worker is killed, so each is still billed.
 
 On SIGTERM (or SIGHUP) gunicorn's master gives its workers ``graceful_timeout``
 seconds and then SIGKILLs those still running; the gevent worker's own kill
 of its leftover greenlets is due at the same moment or up to a second later
 (gunicorn 27), so it loses that race. A stream ended by SIGKILL never reaches
-``on_stream_end``: the usage it carried is never billed. So each worker
-watches for its own stop and, shortly before the master's deadline, cuts the
-streams still open itself, leaving the rest of the time for their hooks.
+``on_stream_end``: the usage it carried is never billed (a tunnel likewise
+never reaches ``on_tunnel_end``). So each worker watches for its own stop
+and, shortly before the master's deadline, cuts the streams and tunnels still
+open itself, leaving the rest of the time for their end hooks. A stream or
+tunnel is registered here from its start until its ``finish``.
 
 gunicorn has no worker-side hook for SIGTERM, hence the watcher polls the
 worker's ``alive`` flag, which gunicorn's handler clears.
@@ -24,10 +26,10 @@ _open: set["Stoppable"] = set()
 
 
 class Stoppable(Protocol):
-    greenlet: Any
+    greenlet: Any  # runs the item, and its end hooks: what stop_all waits for
 
     def stop(self) -> None:
-        """Mark this as ended by the worker's stop and raise ``WorkerStopping`` in its greenlet."""
+        """End now, as ended by the worker's stop (a stream raises ``WorkerStopping`` in its greenlet)."""
 
 
 class WorkerStopping(GreenletExit):

@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple, NoReturn
 
 from forkproxy.server.trust import TrustedProxies
 
@@ -37,14 +38,21 @@ def default_trusted() -> TrustedProxies:
 
 
 def configure_worker(worker: Any) -> None:
-    """Adopt a gunicorn worker's settings: trusted peers and the error log; watch for its stop.
+    """Check urllib3 and gunicorn; adopt the worker's settings (trusted peers, error log); watch for its stop.
 
-    ``worker.cfg`` holds the final values however they were given (config
-    file, flags, GUNICORN_CMD_ARGS), which the app cannot see otherwise.
+    Run once per worker, from gunicorn.conf.py's ``post_worker_init``: the
+    check is about the server's packages, so it runs where they serve and
+    before a request does, not in every ``Proxy`` built in or out of a
+    server. ``worker.cfg`` holds the final values however they were given
+    (config file, flags, GUNICORN_CMD_ARGS), which the app cannot see otherwise.
     """
     global _server_trusted, _access_logger
-    from forkproxy.server import shutdown  # gevent: only in the worker, after it patched
+    from forkproxy.server import capabilities, shutdown  # gevent, urllib3: only in the worker, after it patched
 
+    try:
+        capabilities.check()
+    except capabilities.Unsupported as exc:
+        refuse_start(str(exc))
     _server_trusted = TrustedProxies(worker.cfg.forwarded_allow_ips)
     _access_logger = worker.log
     shutdown.watch(worker)
@@ -54,13 +62,19 @@ def configure_worker(worker: Any) -> None:
     ours.propagate = False
 
 
+def refuse_start(message: str) -> NoReturn:
+    """Stop the start with one line: a worker that exits with 3 (gunicorn's boot error) stops the master too."""
+    sys.stderr.write(f"forkproxy: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(3)
+
+
 class _Served(NamedTuple):
     """What gunicorn's access log reads of a reply (``resp``) it did not send itself."""
 
     status: str
     sent: int
     headers: list
-    response_length: None = None
 
 
 class _Received(NamedTuple):

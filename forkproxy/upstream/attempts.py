@@ -1,126 +1,149 @@
-"""Talking to the upstream: the per-process urllib3 pools, one per upstream origin.
+"""The attempt loop: a request's attempts, from its first member to the reply it relays or the error it tells.
 
-Pools are made lazily in the process that uses them and forgotten in a forked
-child, so a gunicorn master never owns sockets its workers would share.
+``Transport.send`` owns the attempts of one request: failover between
+members, retries as the policy allows (counted by urllib3's ``Retry``,
+``retry.next_retry``), the wait before each (backoff or Retry-After), and
+the start and end of every attempt. An attempt starts when the route
+chooses its member (counted in flight there, perhaps its trial) and is one
+``urlopen`` on that member's connections, which makes exactly one try (the
+fresh-connection resend inside it is part of it). It ends in ``_end``
+whatever happened: health hears how it went, and the in-flight count comes
+back down, at once for a failure, when its connection is released for a
+reply (a stream holds its member's count while it runs).
+
+The connections of each origin are made lazily in the process that uses
+them and forgotten in a forked child, so a gunicorn master never owns
+sockets its workers would share.
 """
 from __future__ import annotations
 
 import os
-from http.client import HTTPException
+import time
+from typing import NamedTuple
 
 import urllib3
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
+from urllib3.util.retry import Retry
 
+from forkproxy.errors import NoLiveUpstream, ProxyError
 from forkproxy.http import headers as header_rules
-from forkproxy.messages import UpstreamRequest
 from forkproxy.http.wire import RequestHead
-from forkproxy.upstream.connections import POOL_CLASSES, ProxyPool, ProxyTLSPool
-from forkproxy.upstream.failures import head_error
-from forkproxy.errors import NoLiveUpstream
-from forkproxy.upstream.retry import Failover
+from forkproxy.messages import UpstreamRequest
+from forkproxy.upstream.connections import CONNECTIONS, ONE_TRY, Connections, TLSConnections
+from forkproxy.upstream.failures import AttemptFailed, SentNothing
 from forkproxy.upstream.members import BaseURL, FixedRoute, PoolRoute
 from forkproxy.upstream.reply import UpstreamReply
+from forkproxy.upstream.retry import RetryPolicy, may_retry, next_retry, pause
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
 
 
-class Transport:
-    """The connection pools of one process, one per upstream origin, shared by all its requests.
+class Attempted(NamedTuple):
+    """How a request's attempts ended: an explicit outcome, never out-parameters."""
 
-    The pools are kept here rather than in a urllib3 PoolManager: its LRU of
-    pools would close one in use once a pick_upstream hook routed to more
-    origins than it holds, and a plain dict lookup is cheaper per request.
+    reply: UpstreamReply | None  # the reply to relay (its connection owned by it); also the last when attempts ran out
+    error: ProxyError | None  # set when no reply is used (then reply is None)
+    retries: int  # retries made (a failover from a member that was sent nothing is none)
+    member: BaseURL | None  # the member that answered or was tried last; None when none was contacted
+
+
+class Transport:
+    """The connections of one process, one connection pool per upstream origin, shared by all its requests.
+
+    They are kept here rather than in a urllib3 PoolManager: its LRU of
+    connection pools would close one in use once a pick_upstream hook routed
+    to more origins than it holds, and a plain dict lookup is cheaper per request.
     """
 
-    MAX_POOLS = 1024
+    MAX_ORIGINS = 1024
 
     def __init__(self, *, pool_maxsize: int, ca_certs: str | None, idle_timeout: float = 4.0) -> None:
         self.pool_maxsize = pool_maxsize
         self.ca_certs = ca_certs
         self.idle_timeout = idle_timeout
-        self._pools: dict[tuple[str, str, int], ProxyPool | ProxyTLSPool] = {}
+        self._connections: dict[tuple[str, str, int], Connections | TLSConnections] = {}
         os.register_at_fork(after_in_child=self.forget)
 
     def forget(self) -> None:
-        """Drop pools inherited over fork without touching their sockets."""
-        self._pools = {}
+        """Drop connections inherited over fork without touching their sockets."""
+        self._connections = {}
 
-    def pool(self, upstream: BaseURL) -> ProxyPool | ProxyTLSPool:
-        key = (upstream.scheme, upstream.host, upstream.port)
-        pool = self._pools.get(key)
-        if pool is None:
-            if len(self._pools) >= self.MAX_POOLS:  # a runaway hook: drop the oldest origin's idle connections
-                self._pools.pop(next(iter(self._pools))).close()
-            tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": self.ca_certs} if upstream.scheme == "https" else {}
-            pool = self._pools[key] = POOL_CLASSES[upstream.scheme](
-                upstream.host, upstream.port, maxsize=self.pool_maxsize, block=False,
+    def connections(self, member: BaseURL) -> Connections | TLSConnections:
+        """The connection pool of ``member``'s origin (scheme, host and port; the prefix is not part of it)."""
+        key = (member.scheme, member.host, member.port)
+        found = self._connections.get(key)
+        if found is None:
+            if len(self._connections) >= self.MAX_ORIGINS:  # a runaway hook: close the oldest origin's idle ones
+                self._connections.pop(next(iter(self._connections))).close()
+            tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": self.ca_certs} if member.scheme == "https" else {}
+            found = self._connections[key] = CONNECTIONS[member.scheme](
+                member.host, member.port, maxsize=self.pool_maxsize, block=False,
                 idle_timeout=self.idle_timeout, **tls)
-        return pool
+        return found
 
-    def send(
-        self,
-        route: FixedRoute | PoolRoute,
-        ureq: UpstreamRequest,
-        *,
-        retries: urllib3.Retry,
-        timeout: urllib3.Timeout,
-        upgrade: str | None = None,
-    ) -> UpstreamReply:
-        """Send ``ureq`` and return the response with its body still unread.
+    def send(self, route: FixedRoute | PoolRoute, ureq: UpstreamRequest, policy: RetryPolicy,
+             timeout: urllib3.Timeout, upgrade: str | None = None) -> Attempted:
+        """Make the attempts ``ureq`` gets; the reply's body is still unread.
 
-        Each attempt is one urlopen on the pool of the member ``route``
-        picks; a retry the Retry allows comes back as ``Failover`` and goes
-        to the member picked next. Raises ``ProxyError`` when no usable
-        response head arrived. ``upgrade`` asks for a tunnel (the reply may be its 101).
+        A member that was sent nothing (failed connect or TLS handshake) is
+        moved on from to one not tried yet, using no attempt and no wait.
+        Every other outcome is retried as ``policy`` says, on the member the
+        route chooses next. Never raises for an upstream failure: its error
+        is returned. ``upgrade`` asks for a tunnel (the reply may be its 101).
+
+        A reply whose status is not one to retry returns at once, before the
+        retry rules are consulted: most requests end so, and this keeps their
+        cost at what a single urlopen cost before the loop was forkproxy's.
         """
         headers = wire_headers(ureq)
-        base = route.next()
+        try:
+            member = route.next()
+        except NoLiveUpstream as error:
+            return Attempted(None, error, 0, None)
+        retry: Retry | None = None  # urllib3's count of the retries made, from the first on
         while True:
+            outcome = self._attempt(route, member, ureq, headers, timeout, upgrade)
+            if isinstance(outcome, UpstreamReply) and not policy.retriable(outcome.status):  # most requests
+                return _attempted(outcome, retry, member)
+            failover = isinstance(outcome, SentNothing) and route.can_fail_over()
+            if not failover:
+                counted = _next_retry(policy, retry, ureq.method, outcome)
+                if counted is None:
+                    return _attempted(outcome, retry, member)
+                retry = counted
             try:
-                reply = self._attempt(base, ureq, headers, retries, timeout, upgrade)
-            except BaseException as exc:
-                error, response, next_retries = _ending(exc)
-                _settle(route, error, response)
-                if response is None and not isinstance(error, _UPSTREAM_FAILURES):
-                    raise  # not the upstream's doing (a bug, the worker stopping): the route is settled all the same
-            else:
-                route.answered(reply.status)
-                reply.on_release = route.done
-                return reply
-            sent_nothing = isinstance(error, ConnectTimeoutError) and route.can_fail_over()
-            if sent_nothing:  # on to a member not tried yet, using no attempt and sleeping no backoff
-                retries.count.retries = len(retries.history)
-            elif next_retries is None:
-                raise head_error(error, base) from error
-            else:
-                retries = next_retries
-            try:
-                base = route.next()
-            except NoLiveUpstream:  # the last failure stands: every member is down now
-                if response is not None:
-                    return response  # the upstream's own answer goes to the client as it is
-                raise head_error(error, route.base) from error
-            if response is not None:
-                response.drain_conn()
-            if not sent_nothing:
-                retries.sleep(response)
+                member = route.next()
+            except NoLiveUpstream:  # every member is down now: the last outcome stands
+                return _attempted(outcome, retry, member)
+            if not failover:
+                _wait(route, policy, retry, outcome)
 
-    def _attempt(self, base: BaseURL, ureq: UpstreamRequest, headers: urllib3.HTTPHeaderDict,
-                 retries: urllib3.Retry, timeout: urllib3.Timeout, upgrade: str | None) -> UpstreamReply:
-        pool = self.pool(base)
-        target = base.join(ureq.path)
-        return pool.urlopen(
-            ureq.method,
-            target,
-            body=ureq.body or None,
-            headers=RequestHead(ureq.method, target, pool.host_header, headers, upgrade),
-            retries=retries,
-            redirect=False,
-            assert_same_host=False,
-            timeout=timeout,
-            release_conn=False,
-        )
+    def _attempt(self, route: FixedRoute | PoolRoute, member: BaseURL, ureq: UpstreamRequest,
+                 headers: urllib3.HTTPHeaderDict, timeout: urllib3.Timeout,
+                 upgrade: str | None) -> UpstreamReply | AttemptFailed:
+        """One attempt on ``member``: one try on its connections, ended whatever it raised."""
+        try:
+            connections = self.connections(member)
+            target = member.join(ureq.path)
+            reply = connections.urlopen(
+                ureq.method,
+                target,
+                body=ureq.body or None,
+                headers=RequestHead(ureq.method, target, connections.host_header, headers, upgrade),
+                retries=ONE_TRY,
+                redirect=False,
+                assert_same_host=False,
+                timeout=timeout,
+                release_conn=False,
+            )
+        except AttemptFailed as failure:
+            _end(route, None, failure.reason)
+            return failure
+        except BaseException as exc:  # not the upstream's doing (a bug, the worker stopping): ended all the same
+            _end(route, None, f"cut short ({type(exc).__name__}: {exc})")
+            raise
+        _end(route, reply, "")
+        return reply
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
@@ -135,34 +158,55 @@ def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
     return headers
 
 
-_UPSTREAM_FAILURES = (urllib3.exceptions.HTTPError, HTTPException, OSError)
+def _end(route: FixedRoute | PoolRoute, reply: UpstreamReply | None, reason: str) -> None:
+    """The one end of every attempt: health hears how it went, the trial settles, the in-flight count comes down.
 
-
-def _ending(exc: BaseException) -> tuple[BaseException | None, UpstreamReply | None, urllib3.Retry | None]:
-    """What an attempt raised, as (its error, the upstream's reply, the Retry for another attempt)."""
-    if isinstance(exc, Failover):  # the policy allows another attempt
-        return exc.error, exc.response, exc.retry
-    if isinstance(exc, MaxRetryError):  # the policy's attempts are spent
-        return exc.reason, None, None
-    return exc, None, None
-
-
-def _settle(route: FixedRoute | PoolRoute, error: BaseException | None, response: UpstreamReply | None) -> None:
-    """An attempt that hands no reply on is over: health hears how it went, and it is no longer in flight.
-
-    The one place every such attempt ends, whatever it raised, so that no
-    member is left with a request in flight or a trial that never settles.
+    A reply's attempt is over when its connection is released (read,
+    drained or abandoned), so a relayed body counts in flight while it runs;
+    any other attempt is over now, whatever raised in between.
     """
+    if reply is not None:
+        reply.on_release = route.done
+        route.answered(reply.status)  # a failure to health only if in fail_on_status
+        return
     try:
-        if response is not None:
-            route.answered(response.status)  # a failure to health only if in fail_on_status
-        else:
-            route.failed(_why(error))
+        route.failed(reason)
     finally:
         route.done()
 
 
-def _why(error: BaseException | None) -> str:
-    """The reason an attempt failed, for the log line of a member marked down."""
-    reason = getattr(error, "reason", None) or error
-    return f"{type(reason).__name__}: {reason}"
+def _next_retry(policy: RetryPolicy, retry: Retry | None, method: str,
+                outcome: UpstreamReply | AttemptFailed) -> Retry | None:
+    """The count with one more retry, or None when the policy allows none after ``outcome``."""
+    if isinstance(outcome, AttemptFailed):
+        if not may_retry(policy, method, 0, outcome.sent):
+            return None
+        return next_retry(policy, retry, method, error=outcome)
+    if not may_retry(policy, method, outcome.status, True):
+        return None
+    return next_retry(policy, retry, method, response=outcome)
+
+
+def _wait(route: FixedRoute | PoolRoute, policy: RetryPolicy, retry: Retry,
+          outcome: UpstreamReply | AttemptFailed) -> None:
+    """Before the retry, its member chosen: the reply not relayed is drained, then the policy's wait is slept.
+
+    Should the wait be cut short (the worker stopping), the chosen member's attempt ends all the same.
+    """
+    reply = outcome if isinstance(outcome, UpstreamReply) else None
+    try:
+        if reply is not None:
+            reply.drain_conn()
+        seconds = pause(policy, retry, reply)
+        if seconds > 0:
+            time.sleep(seconds)
+    except BaseException as exc:
+        _end(route, None, f"cut short before its attempt ({type(exc).__name__}: {exc})")
+        raise
+
+
+def _attempted(outcome: UpstreamReply | AttemptFailed, retry: Retry | None, member: BaseURL) -> Attempted:
+    retries = len(retry.history) if retry is not None else 0
+    if isinstance(outcome, AttemptFailed):
+        return Attempted(None, outcome.error, retries, member)
+    return Attempted(outcome, None, retries, member)

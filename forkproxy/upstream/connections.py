@@ -1,12 +1,16 @@
-"""urllib3 connection pools that speak to the upstream through ``wire``.
+"""The connections to one upstream origin (a urllib3 connection pool), and the exchange on one of them.
 
 urllib3 keeps what it is good at: the pool of keep-alive connections, connect
-and TLS with verification, and ``urlopen``'s retry loop driven by a ``Retry``.
-Only ``_make_request``, the one request-response exchange on a connection,
-is forkproxy's: the head goes out in one write and the response head is read
-strictly by ``wire.read_head`` into an ``UpstreamReply``. http.client's
-request and response objects cost more than the rest of a proxied request
-(see the README's benchmark section) and parse heads laxly.
+and TLS with verification, and ``urlopen`` checking a connection out and
+back in. ``urlopen`` makes exactly one try (``ONE_TRY``): the attempt loop
+(``attempts``) decides what happens next. Only ``_make_request``, the
+exchange (the one request-response on a connection), is forkproxy's: the
+head goes out in one write, the response head is read strictly by
+``wire.read_head`` into an ``UpstreamReply``, and each step that fails
+raises its own ``AttemptFailed`` (``failures``), which ``urlopen`` lets
+through untouched, closing the connection. http.client's request and
+response objects cost more than the rest of a proxied request (see the
+README's benchmark section) and parse heads laxly.
 
 urllib3 internals this relies on, and why: ``_make_request`` (the exchange
 itself), ``_get_conn`` and ``_put_conn`` (dropping idle connections; a reply
@@ -20,21 +24,21 @@ import errno
 import select
 import socket
 import time
-from http.client import RemoteDisconnected
-from ssl import SSLEOFError
+from http.client import HTTPException, RemoteDisconnected
 from typing import Any
 
 from gevent.monkey import get_original
 from urllib3.connection import HTTPConnection, HTTPSConnection, port_by_scheme
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError, SSLError
+from urllib3.exceptions import ConnectTimeoutError, LocationValueError, NewConnectionError, SSLError
+from urllib3.util.retry import Retry
 from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.timeout import Timeout
 
-from forkproxy.upstream.retry import IDEMPOTENT_METHODS
 from forkproxy.http.wire import RequestHead, body_framing, host_header, read_head
-from forkproxy.upstream.failures import TLSHandshakeError
+from forkproxy.upstream.failures import AttemptFailed, BadHead, HeadTimeout, SentNothing, Unanswered
 from forkproxy.upstream.reply import READ_BUFFER, UpstreamReply
+from forkproxy.upstream.retry import IDEMPOTENT_METHODS
 
 _os_poll = get_original("select", "poll")
 # Smaller bodies go out in the same write as the head: one copy of the body costs less than
@@ -42,6 +46,14 @@ _os_poll = get_original("select", "poll")
 _JOIN_BODY_BELOW = 128 * 1024
 _SEND_ERRNOS_TO_READ_PAST = (errno.EPROTOTYPE, errno.ECONNRESET)
 _WOULD_BLOCK = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
+
+ONE_TRY = Retry(total=False, redirect=False, allowed_methods=None)
+"""``retries`` for ``urlopen``: exactly one try, no redirect followed; what follows is the attempt loop's.
+
+One value shared by every request (a Retry is never changed; ``urlopen``
+makes one of its own from anything else). No method list: ``urlopen`` asks
+it about every reply, and the answer is no retry whatever the method.
+"""
 
 
 class _Alive:
@@ -68,12 +80,12 @@ class _Alive:
             return False
 
 
-class ProxyConnection(_Alive, HTTPConnection):
-    pass
+class Connection(_Alive, HTTPConnection):
+    """A plain connection whose liveness check is one poll of the OS."""
 
 
 class _Exchange:
-    """``_make_request`` for a pool: one request out, one response head in."""
+    """``_make_request`` for a connection pool: one request out, one response head in."""
 
     def __init__(self, host: str, port: int | None = None, *, idle_timeout: float = 4.0, **kw: Any) -> None:
         super().__init__(host, port, **kw)
@@ -97,75 +109,82 @@ class _Exchange:
     def _make_request(self, conn: HTTPConnection, method: str, url: str, body: bytes | None = None,
                       headers: RequestHead | None = None, retries: Any = None, timeout: Any = None,
                       **_response_kw: Any) -> UpstreamReply:
-        """One exchange; once more on a fresh connection when a reused one closed unanswered.
+        """The exchange; once more on a fresh connection when a reused one closed unanswered.
 
         An upstream may close an idle keep-alive connection just as a request
         goes out on it. When no byte of a response arrived, the request is
         sent again on a new connection if that is safe (an idempotent method,
-        or nothing of the body sent yet: Go's Transport rule), and that is not
-        an attempt of the retry policy.
+        or nothing of the body sent yet: Go's Transport rule): part of the
+        same attempt, not one of the retry policy's. Raises ``AttemptFailed``.
         """
         self.num_requests += 1
         if conn.sock is not None:  # reused
             try:
-                return self._exchange(conn, method, url, body, headers, timeout)
-            except _Unanswered as unanswered:
-                if not (method in IDEMPOTENT_METHODS or unanswered.body_unsent):
-                    raise unanswered.error from None
+                return self._exchange(conn, method, body, headers, timeout)
+            except Unanswered as unanswered:
+                if not (unanswered.nothing_read and (method in IDEMPOTENT_METHODS or unanswered.body_unsent)):
+                    raise
             conn.close()
-        try:
-            return self._exchange(conn, method, url, body, headers, timeout)
-        except _Unanswered as unanswered:  # on a fresh connection too: the attempt failed, as urlopen knows it
-            raise unanswered.error from None
+        return self._exchange(conn, method, body, headers, timeout)
 
-    def _exchange(self, conn: HTTPConnection, method: str, url: str, body: bytes | None,
-                  head: RequestHead, timeout: Timeout) -> UpstreamReply:
+    def _exchange(self, conn: HTTPConnection, method: str, body: bytes | None, head: RequestHead,
+                  timeout: Timeout) -> UpstreamReply:
+        """One request-response on ``conn``, up to the response head; each step raises its own failure."""
         connect_timeout = Timeout.resolve_default_timeout(timeout.connect_timeout)
         conn.timeout = connect_timeout
-        self._connect(conn)
+        if conn.is_closed:
+            _connect(conn)
         sock = conn.sock
-        sock.settimeout(connect_timeout)  # a reused connection still has its last read's timeout
-        body_unsent = _send(sock, head.data, body)  # the target as received, not urlopen's ``url``
-        read_timeout = timeout.read_timeout
-        sock.settimeout(read_timeout)
-        fp = sock.makefile("rb", READ_BUFFER)
+        fp = None
+        body_unsent, nothing_read = False, True
         try:
-            _first_byte(fp, body_unsent)
+            sock.settimeout(connect_timeout)  # a reused connection still has its last read's timeout
+            body_unsent = _send(sock, head.data, body)  # the target as received, not urlopen's ``url``
+            sock.settimeout(timeout.read_timeout)
+            fp = sock.makefile("rb", READ_BUFFER)
+            if not fp.peek(1):
+                closed = RemoteDisconnected("closed with no byte of a response")  # as http.client names it
+                raise Unanswered(closed, body_unsent=body_unsent, nothing_read=True)
+            nothing_read = False
             status, reply_headers = read_head(fp)
             framing = body_framing(method, status, reply_headers, head.upgrade)
         except BaseException as exc:
-            fp.close()  # else the reader would keep the socket open after urllib3 closes the connection
-            _raise_if_timeout(exc, self, url, read_timeout)
+            if fp is not None:
+                fp.close()  # else the reader would keep the socket open after urllib3 closes the connection
+            if isinstance(exc, (OSError, HTTPException)):
+                raise _failure_once_sent(exc, body_unsent, nothing_read) from exc
             raise
         return UpstreamReply(self, conn, fp, status, reply_headers, framing)
 
-    def _connect(self, conn: HTTPConnection) -> None:
-        """Connect (and for https, handshake and verify) a connection that has no socket yet.
 
-        urllib3 reports a failed TCP connect as a ``ConnectTimeoutError``;
-        whatever else ``connect`` raises came from the TLS handshake, which
-        sent nothing of the request either: a ``TLSHandshakeError``, also a
-        failed connect (it fails over whatever the method).
-        """
-        if not conn.is_closed:
-            return
-        try:
-            conn.connect()
-        except ConnectTimeoutError:
-            raise
-        except (OSError, CertificateError, SSLError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
-            raise TLSHandshakeError(exc, timed_out=_timed_out(exc)) from exc
+def _connect(conn: HTTPConnection) -> None:
+    """Connect (and for https, handshake and verify); ``SentNothing`` when that fails.
+
+    urllib3's connect raises its own errors for the TCP connect and name
+    resolution; whatever else it raises came from the TLS handshake.
+    """
+    try:
+        conn.connect()
+    except (NewConnectionError, LocationValueError) as exc:  # refused, unreachable, no such name
+        raise SentNothing.refused(exc) from exc
+    except ConnectTimeoutError as exc:
+        raise SentNothing.timed_out(exc) from exc
+    except (OSError, CertificateError, SSLError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+        raise SentNothing.tls(exc, timed_out=_timed_out(exc)) from exc
+
+
+def _failure_once_sent(exc: OSError | HTTPException, body_unsent: bool, nothing_read: bool) -> AttemptFailed:
+    """What went wrong once the request was on its way: a timeout, a head refused, or the connection lost."""
+    if _timed_out(exc):
+        return HeadTimeout(exc)
+    if isinstance(exc, HTTPException) and not isinstance(exc, ConnectionError):  # RemoteDisconnected is both
+        return BadHead(exc)
+    return Unanswered(exc, body_unsent=body_unsent, nothing_read=nothing_read)
 
 
 def _timed_out(exc: BaseException) -> bool:
     """A socket timeout, or TLS's "would block" on a socket with a timeout."""
     return isinstance(exc, socket.timeout) or getattr(exc, "errno", None) in _WOULD_BLOCK
-
-
-def _raise_if_timeout(exc: BaseException, pool: HTTPConnectionPool, url: str, seconds: Any) -> None:
-    """A read timeout becomes urllib3's ReadTimeoutError, which its retries know."""
-    if _timed_out(exc):
-        raise ReadTimeoutError(pool, url, f"Read timed out. (read timeout={seconds})") from exc
 
 
 def _send(sock: socket.socket, head: bytes, body: bytes | None) -> bool:
@@ -204,36 +223,20 @@ def _write_all(sock: socket.socket, data: bytes) -> None:
         sock.sendall(memoryview(data)[sent:])
 
 
-def _first_byte(fp: Any, body_unsent: bool) -> None:
-    """Wait for the response to begin; ``_Unanswered`` when the connection ended first."""
-    try:
-        if fp.peek(1):
-            return
-        error: Exception = RemoteDisconnected("upstream closed the connection without a response")
-    except (ConnectionError, SSLEOFError) as exc:
-        error = exc
-    raise _Unanswered(error, body_unsent)
+class Connections(_Exchange, HTTPConnectionPool):
+    """The keep-alive connections to one http:// origin."""
+
+    ConnectionCls = Connection
 
 
-class _Unanswered(Exception):
-    """The connection closed or reset before any byte of a response; ``error`` says how."""
+class TLSConnections(_Exchange, HTTPSConnectionPool):
+    """The keep-alive connections to one https:// origin."""
 
-    def __init__(self, error: Exception, body_unsent: bool) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.body_unsent = body_unsent
-
-
-class ProxyPool(_Exchange, HTTPConnectionPool):
-    ConnectionCls = ProxyConnection
-
-
-class ProxyTLSPool(_Exchange, HTTPSConnectionPool):
     # A TLS socket cannot be peeked at below the record layer: urllib3's own liveness check stays.
     ConnectionCls = HTTPSConnection
 
 
-POOL_CLASSES = {"http": ProxyPool, "https": ProxyTLSPool}
+CONNECTIONS = {"http": Connections, "https": TLSConnections}
 
 
 def _ascii_host(host: str) -> str:

@@ -1,82 +1,104 @@
-"""Failures on the way to an upstream, mapped to the contract's errors (no I/O)."""
+"""How an attempt fails before a usable response head, typed where it fails; how a body read fails (no I/O).
+
+The exchange raises one of these at the step that failed: the connect or
+the TLS handshake (``SentNothing``), the wait for a response head
+(``Unanswered``, ``HeadTimeout``) or the head itself (``BadHead``). What
+may happen next depends on which: a request that sent nothing moves on to
+another member whatever its method, one that went out may have been
+processed. Each carries the contract's error the client is told, which names
+no address and no OS error; what failed underneath is the error's
+``__cause__`` (and the failure is raised from it), for the log.
+"""
 from __future__ import annotations
 
-from http.client import HTTPException, IncompleteRead
+from http.client import IncompleteRead
 from ssl import SSLCertVerificationError
-from typing import Any
 
-from urllib3.exceptions import (
-                                ConnectTimeoutError,
-                                NewConnectionError,
-                                ProtocolError,
-                                ReadTimeoutError,
-                                SSLError,
-                                )
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from forkproxy.errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from forkproxy.upstream.members import BaseURL
 
 
-class TLSHandshakeError(ConnectTimeoutError):
-    """A TLS handshake that failed or timed out: no byte of the request went out, so it is a failed connect.
+class AttemptFailed(Exception):
+    """An attempt that got no usable response head.
 
-    A ``ConnectTimeoutError``, as urllib3's own ``NewConnectionError`` is,
-    because that is what urllib3's retries and the failover treat as "sent
-    nothing": retried and moved on from whatever the method. ``cause`` is
-    what the handshake raised, for the log.
+    Neither an OSError nor an HTTPException: urllib3's ``urlopen`` catches
+    and wraps those, and lets this through as it is (closing the connection).
     """
 
-    def __init__(self, cause: BaseException, *, timed_out: bool) -> None:
-        super().__init__(f"TLS handshake {'timed out' if timed_out else 'failed'}: {type(cause).__name__}: {cause}")
-        self.cause = cause
-        self.timed_out = timed_out
+    sent = True  # whether any of the request went out (the upstream may have processed it)
+
+    def __init__(self, error: ProxyError, cause: BaseException) -> None:
+        super().__init__(error.message)
+        self.error = error
+        error.__cause__ = cause  # the log line of the reply names it; the client's message does not
+
+    @property
+    def reason(self) -> str:
+        """For the log line of a member marked down: what the client is told, and what failed underneath."""
+        cause = self.error.__cause__
+        return f"{self.error.message} ({type(cause).__name__}: {cause})"
 
 
-def head_error(exc: Any, upstream: BaseURL) -> ProxyError:
-    """Map a failure before the response head to the contract's error."""
-    where = upstream.origin
-    if isinstance(exc, TLSHandshakeError):  # before ConnectTimeoutError: it is a subclass
-        return _tls_error(exc)
-    if isinstance(exc, NewConnectionError):  # before ConnectTimeoutError: it is a subclass
-        return UpstreamUnreachable(f"cannot connect to upstream {where}: {_reason(exc)}")
-    if isinstance(exc, ConnectTimeoutError):
-        return UpstreamTimeout(f"connect to upstream {where} timed out")
-    if isinstance(exc, ReadTimeoutError):
-        return UpstreamTimeout(f"upstream {where} sent no response head in time")
-    if isinstance(exc, SSLError):
-        return UpstreamUnreachable(f"TLS with upstream {where} failed: {_reason(exc)}")
-    inner = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc
-    if isinstance(inner, (ConnectionError, TimeoutError)) or type(inner) is OSError:
-        return UpstreamUnreachable(f"upstream {where} closed the connection before a response head")
-    if isinstance(inner, HTTPException):
-        return BadUpstreamResponse(f"upstream {where} sent a malformed response head: {_reason(inner)}")
-    return UpstreamUnreachable(f"upstream {where} failed before a response head: {_reason(exc)}")
+class SentNothing(AttemptFailed):
+    """The connect or the TLS handshake failed or timed out: no byte of the request went out."""
+
+    sent = False
+
+    @classmethod
+    def refused(cls, cause: BaseException) -> "SentNothing":
+        """Refused, unreachable, or a name that does not resolve."""
+        return cls(UpstreamUnreachable("cannot connect to the upstream"), cause)
+
+    @classmethod
+    def timed_out(cls, cause: BaseException) -> "SentNothing":
+        return cls(UpstreamTimeout("connect to the upstream timed out"), cause)
+
+    @classmethod
+    def tls(cls, cause: BaseException, *, timed_out: bool) -> "SentNothing":
+        """A failed handshake: its message says TLS, and a timeout is the connect's (504), never the head's."""
+        if timed_out:
+            return cls(UpstreamTimeout("TLS handshake with the upstream timed out"), cause)
+        if isinstance(cause, (SSLCertVerificationError, CertificateError)):
+            refused = UpstreamUnreachable("TLS handshake with the upstream failed: its certificate was refused")
+            return cls(refused, cause)
+        return cls(UpstreamUnreachable("TLS handshake with the upstream failed"), cause)
 
 
-def _tls_error(exc: TLSHandshakeError) -> ProxyError:
-    """What the client is told of a failed handshake: not the upstream's address, not the OS's words.
+class Unanswered(AttemptFailed):
+    """The request went out and the connection closed or broke before a response head.
 
-    The access log line names the member; the line that marks it down has what the handshake raised.
+    ``nothing_read``: not one byte of a response arrived; ``body_unsent``:
+    nothing of the body went out either. Together with the method they say
+    whether sending it again on a fresh connection is safe.
     """
-    if exc.timed_out:
-        return UpstreamTimeout("TLS handshake with the upstream timed out")
-    if isinstance(exc.cause, (SSLCertVerificationError, CertificateError)):
-        return UpstreamUnreachable("TLS handshake with the upstream failed: its certificate was refused")
-    return UpstreamUnreachable("TLS handshake with the upstream failed")
+
+    def __init__(self, cause: BaseException, *, body_unsent: bool, nothing_read: bool) -> None:
+        super().__init__(UpstreamUnreachable("the upstream closed the connection before a response head"), cause)
+        self.body_unsent = body_unsent
+        self.nothing_read = nothing_read
+
+
+class HeadTimeout(AttemptFailed):
+    """The request went out (or stalled going out) and no response head came within the timeout."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(UpstreamTimeout("the upstream sent no response head in time"), cause)
+
+
+class BadHead(AttemptFailed):
+    """A response head arrived that forkproxy must not pass on (``http.wire`` says why, in the cause)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(BadUpstreamResponse("the upstream sent a malformed response head"), cause)
 
 
 def body_error(exc: BaseException, upstream: BaseURL) -> ProxyError:
-    """Map a failure while reading a response body to the contract's error."""
+    """Map a failure while reading a response body (plain socket reads) to the contract's error."""
     where = upstream.origin
-    if isinstance(exc, ReadTimeoutError) or isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"upstream {where} went silent while sending the body")
-    inner = exc.args[1] if isinstance(exc, ProtocolError) and len(exc.args) > 1 else exc
-    if isinstance(inner, IncompleteRead):
+    if isinstance(exc, IncompleteRead):
         return BadUpstreamResponse(f"upstream {where} body ended short of its length")
-    return BadUpstreamResponse(f"upstream {where} broke off the body: {_reason(exc)}")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.split(": ", 1)[-1] if isinstance(exc, NewConnectionError) else text
+    return BadUpstreamResponse(f"upstream {where} broke off the body: {str(exc) or type(exc).__name__}")

@@ -1,6 +1,6 @@
 """An upstream response whose head is read and whose body is still on the wire.
 
-``UpstreamReply`` owns its pooled connection until the body has been read to
+``UpstreamReply`` owns its connection until the body has been read to
 its end (then ``release`` hands the connection back for reuse) or abandoned
 (``release`` closes it). The body is read with plain buffered-socket reads,
 one read per call, so the buffered path reads a sized body in one call and
@@ -32,35 +32,34 @@ BODY_READ = 64 * 1024  # the most one read of a body asks for
 class UpstreamReply:
     """Status, headers and the unread body of one upstream response."""
 
-    __slots__ = ("status", "reason", "version", "headers", "framing", "on_release", "_fp", "_conn", "_pool", "_done")
+    __slots__ = ("status", "reason", "headers", "framing", "on_release", "_fp", "_conn", "_connections", "_done")
 
-    def __init__(self, pool: "HTTPConnectionPool", conn: "HTTPConnection", fp: BinaryIO,
+    def __init__(self, connections: "HTTPConnectionPool", conn: "HTTPConnection", fp: BinaryIO,
                  status: StatusLine, headers: HTTPHeaderDict, framing: Framing) -> None:
         self.status = status.status
         self.reason = status.reason
-        self.version = status.version
         self.headers = headers
         self.framing = framing
         self._fp = fp
         self._conn: "HTTPConnection | None" = conn
-        self._pool = pool
+        self._connections = connections
         self._done = framing.length == 0 and not framing.chunked
-        self.on_release: Callable[[], None] | None = None  # told once the exchange is over
-
-    # -- what urllib3's urlopen and Retry ask of a response -----------------
+        self.on_release: Callable[[], None] | None = None  # told once: the attempt that got this reply is over
 
     def get_redirect_location(self) -> bool:
-        return False  # redirects go to the client, never followed
+        """What urllib3's ``Retry.increment`` asks of a response it counts: redirects go to the client."""
+        return False
 
     def drain_conn(self) -> None:
-        """Before a retry: read a small body so the connection can be reused; close it otherwise."""
+        """A reply not relayed (another attempt follows): read a small body so the connection can be reused."""
         try:
             pieces, size = self.pieces(_DRAIN_LIMIT), 0
             while size <= _DRAIN_LIMIT and (got := pieces()) is not None:
                 size += sum(map(len, got))
         except Exception:
             pass  # a broken body only means the connection is not reused
-        self.release()
+        finally:
+            self.release()
 
     # -- the body -----------------------------------------------------------
 
@@ -186,7 +185,7 @@ class UpstreamReply:
         if not self._done or self.framing.will_close:
             conn.close()
             conn = None
-        self._pool._put_conn(conn)
+        self._connections._put_conn(conn)
 
     def close(self) -> None:
         """Abandon the body: the connection is closed, never reused."""

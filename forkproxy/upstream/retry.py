@@ -1,15 +1,24 @@
-"""Retry policy as a value object, carried out by urllib3's own machinery.
+"""The retry policy, and what it decides for the attempt loop (no I/O).
 
-``RetryPolicy`` is what hooks build and tests reason about; ``PolicyRetry``
-is the ``urllib3.util.Retry`` that makes urllib3 retry exactly what the policy
-allows and sleep exactly what it says.
+``RetryPolicy`` is what hooks build and tests reason about. urllib3's
+``Retry`` is the immutable count of a request's retries, driven through its
+public methods: ``increment`` gives the next value (or ``MaxRetryError``
+once the attempts are spent), ``history`` holds one entry per retry, and
+``get_retry_after`` reads a ``Retry-After``. The rest cannot be said with a
+Retry's settings, so it is the policy's own arithmetic here: a Retry sleeps
+nothing before its first retry, doubles its backoff whatever the multiplier
+and adds its jitter (the policy sleeps ``base * multiplier**n``, a random
+part of it with jitter), honours Retry-After on any status it retries on
+(the policy: 429 and 503 only, capped at ``max_backoff_ms``), and has one
+``allowed_methods`` for both a status and a failure after sending (the
+policy has one rule for each, ``may_retry``).
 """
 from __future__ import annotations
 
 import random
-import time
 from typing import Any, Collection
 
+from urllib3.exceptions import InvalidHeader, MaxRetryError
 from urllib3.util.retry import Retry
 
 IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))  # RFC 9110 section 9.2.2
@@ -84,11 +93,6 @@ class RetryPolicy:
         ms = self.backoff_for(n)
         return random.uniform(0, ms) if self.jitter else ms
 
-    def to_urllib3(self) -> "PolicyRetry":
-        if self.max_attempts <= 1:
-            return _SINGLE_ATTEMPT  # nothing is ever retried, so one shared object serves every request
-        return PolicyRetry(policy=self)
-
     def __repr__(self) -> str:
         return (f"RetryPolicy(max_attempts={self.max_attempts}, base_backoff_ms={self.base_backoff_ms}, "
                 f"backoff_multiplier={self.backoff_multiplier}, retry_on_status={self.retry_on_status}, "
@@ -108,89 +112,49 @@ def _refuse(**values: float) -> None:
             raise ValueError(f"RetryPolicy {name} must be {kind} of at least {minimum}: {value!r}")
 
 
-class RetryCount:
-    """Retries made so far; shared by every Retry urllib3 derives via ``new()``.
+def may_retry(policy: RetryPolicy, method: str, status: int, sent: bool) -> bool:
+    """Whether the policy lets an attempt that ended so be made again (whether attempts are left aside).
 
-    urllib3 raises instead of returning its last Retry when attempts run out,
-    so the count has to live outside the Retry objects.
+    ``status`` is the upstream's answer, 0 when none came; ``sent`` whether
+    any of the request went out. A status is retried as ``retry_on_status``
+    and ``retry_methods`` say; no answer after nothing was sent, whatever
+    the method; no answer after the request went out (it may have been
+    processed), for the methods ``retriable_after_sending`` allows.
     """
+    if not policy.retriable(status):
+        return False
+    if status:
+        return policy.method_retriable(method)
+    return not sent or policy.retriable_after_sending(method)
 
-    __slots__ = ("retries",)
 
-    def __init__(self) -> None:
-        self.retries = 0
+def next_retry(policy: RetryPolicy, retry: Retry | None, method: str, *,
+               response: Any = None, error: Exception | None = None) -> Retry | None:
+    """urllib3's count of the retries made, one more; None when the policy's attempts are spent.
 
-
-class Failover(Exception):
-    """Raised by ``PolicyRetry.increment`` out of urllib3's urlopen: make the next attempt elsewhere.
-
-    urllib3's pool retries on its own host; the next attempt of a request may
-    belong to another pool member, so each retry the policy allows leaves
-    urlopen with the Retry that carries the request's retry state (as
-    urllib3's PoolManager carries one across hosts on a redirect), and the
-    transport sends the next attempt to the member the route picks.
+    ``retry`` is None before the first retry: most requests never make one,
+    and they make no Retry either.
     """
+    if retry is None:
+        retry = Retry(total=policy.max_attempts - 1, redirect=False)
+    try:
+        return retry.increment(method, response=response, error=error)
+    except MaxRetryError:
+        return None
 
-    def __init__(self, retry: "PolicyRetry", *, error: BaseException | None, response: Any) -> None:
-        super().__init__(str(error) if error is not None else f"status {getattr(response, 'status', '?')}")
-        self.retry = retry
-        self.error = error
-        self.response = response
 
+def pause(policy: RetryPolicy, retry: Retry, response: Any = None) -> float:
+    """Seconds to wait before the retry ``retry`` counted last.
 
-class PolicyRetry(Retry):
-    """urllib3 ``Retry`` driven by a ``RetryPolicy``.
-
-    Stock urllib3 sleeps 0 before the first retry, retries 413/429/503 on
-    Retry-After alone and retries read errors for every method it allows;
-    here the policy decides all three. Every retry it allows is made by the
-    transport, which may send it to another pool member (``Failover``).
+    The upstream's ``Retry-After`` on a 429 or 503, up to ``max_backoff_ms``
+    (0 means at once); else the policy's backoff for retry n (jitter applied).
+    An unparseable Retry-After falls back to the backoff.
     """
-
-    def __init__(self, *, policy: RetryPolicy, count: RetryCount | None = None, **kw: Any) -> None:
-        self.policy = policy
-        self.count = count or RetryCount()
-        kw.setdefault("total", max(policy.max_attempts, 1) - 1)
-        kw.setdefault("redirect", False)
-        kw.setdefault("raise_on_status", False)
-        super().__init__(**kw)
-
-    def new(self, **kw: Any) -> "PolicyRetry":
-        kw.setdefault("policy", self.policy)
-        kw.setdefault("count", self.count)
-        return super().new(**kw)
-
-    def increment(self, method: str | None = None, url: str | None = None, response: Any = None,
-                  error: Exception | None = None, **kw: Any) -> "PolicyRetry":
-        retry = super().increment(method, url, response=response, error=error, **kw)  # MaxRetryError when spent
-        self.count.retries = len(retry.history)
-        raise Failover(retry, error=error, response=response)
-
-    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-        return status_code in self.policy.retry_on_status and self.policy.method_retriable(method)
-
-    def _is_method_retryable(self, method: str) -> bool:
-        """What urllib3 asks before retrying a read error: the request may have been processed."""
-        return self.policy.retriable_after_sending(method)
-
-    def get_backoff_time(self) -> float:
-        return self.policy.sleep_ms(len(self.history) - 1) / 1000.0
-
-    def sleep_for_retry(self, response: Any) -> bool:
-        if response.status not in RETRY_AFTER_STATUSES:
-            return False
-        retry_after = self.get_retry_after(response)
-        if retry_after is None:
-            return False
-        time.sleep(min(retry_after, self.policy.max_backoff_ms / 1000.0))
-        return True
-
-    def get_retry_after(self, response: Any) -> float | None:
+    if response is not None and response.status in RETRY_AFTER_STATUSES:
         try:
-            return super().get_retry_after(response)
-        except Exception:  # an unparseable Retry-After falls back to the backoff
-            return None
-
-
-# No retry: increment() raises before it could count anything, so sharing is safe.
-_SINGLE_ATTEMPT = PolicyRetry(policy=RetryPolicy())
+            after = retry.get_retry_after(response)
+        except (InvalidHeader, ValueError, OverflowError):  # not a number, not a date, or a date out of range
+            after = None
+        if after is not None:
+            return min(after, policy.max_backoff_ms / 1000.0)
+    return policy.sleep_ms(len(retry.history) - 1) / 1000.0

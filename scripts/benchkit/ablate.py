@@ -26,7 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from scripts.benchkit.run import Target, alternating_args, cpu_per_request, free_port, post_script, static_upstream
+from scripts.benchkit.harness import Target, alternating_args, cpu_per_request, free_port, post_script, static_upstream
 
 OFF = "BENCH_ABLATE"  # set (to anything) in the worker: the work above is switched off
 
@@ -35,11 +35,11 @@ def _ablated():
     from forkproxy import Proxy
     from forkproxy.http import headers
     from forkproxy.server import inbound
-    from forkproxy import proxy
+    from forkproxy import lifecycle
 
     if os.environ.get(OFF):
-        proxy._check_upstream_request = lambda ureq: None
-        proxy.request_id = lambda incoming: "0123456789abcdef0123456789abcdef"
+        lifecycle._check_upstream_request = lambda ureq: None
+        lifecycle.request_id = lambda incoming: "0123456789abcdef0123456789abcdef"
         inbound.headers_from_environ = lambda environ: headers.header_dict([("Host", environ.get("HTTP_HOST", ""))])
         headers.upstream_request_headers = lambda client, **_: headers.header_dict([("Accept", "*/*")])
         headers.client_response_headers = lambda upstream, **_: []

@@ -27,12 +27,12 @@ def empty(environ, start_response):
 def _pool_floor():
     from urllib.parse import urlsplit
 
-    from forkproxy.upstream.connections import ProxyPool
+    from forkproxy.upstream.connections import ONE_TRY, Connections
     from forkproxy.http.wire import RequestHead
 
     where = urlsplit(UPSTREAM)
-    pool = ProxyPool(where.hostname, where.port, maxsize=256, block=False)
-    retries, timeout = urllib3.Retry(0, read=False, redirect=False), urllib3.Timeout(connect=5, read=30)
+    connections = Connections(where.hostname, where.port, maxsize=256, block=False)
+    timeout = urllib3.Timeout(connect=5, read=30)
 
     def app(environ, start_response):
         method, target = environ["REQUEST_METHOD"], environ["RAW_URI"]
@@ -41,9 +41,9 @@ def _pool_floor():
             return _idle_stream()
         body = environ["wsgi.input"].read() or None
         framing = urllib3.HTTPHeaderDict({"Content-Length": str(len(body))} if body else {})
-        reply = pool.urlopen(method, target, body=body, headers=RequestHead(method, target, pool.host_header, framing),
-                             retries=retries, redirect=False, assert_same_host=False, timeout=timeout,
-                             release_conn=False)
+        head = RequestHead(method, target, connections.host_header, framing)
+        reply = connections.urlopen(method, target, body=body, headers=head, retries=ONE_TRY, redirect=False,
+                                    assert_same_host=False, timeout=timeout, release_conn=False)
         if reply.headers.get("content-type", "").startswith("text/event-stream"):
             start_response(f"{reply.status} OK", [("Content-Type", "text/event-stream")])
             return _relayed(reply)

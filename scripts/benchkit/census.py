@@ -27,7 +27,7 @@ import tracemalloc
 import urllib.request
 from pathlib import Path
 
-from scripts.benchkit.run import LOAD_CPU, Process, Target, free_port, mem_kib, start_holder, wait_port
+from scripts.benchkit.harness import LOAD_CPU, Process, Target, free_port, mem_kib, start_holder, wait_port
 
 _FRAMES = 8
 

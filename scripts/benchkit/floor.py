@@ -4,8 +4,8 @@ Against the bench's static nginx upstream, one gevent-patched process times
 the CPU of one 100-byte GET made three ways, alternating blocks of each:
 
 - ``raw socket``: fixed request bytes out, the response read back; no HTTP code at all;
-- ``urllib3 pool``: forkproxy's pool alone: checkout, liveness peek, Timeout,
-  ``urlopen``'s retry loop, the head written and strictly parsed, body, release;
+- ``urllib3 pool``: forkproxy's connection pool alone: checkout, liveness poll,
+  Timeout, ``urlopen``'s one try, the head written and strictly parsed, body, release;
 - ``forkproxy call``: the whole WSGI call: request objects, header rules,
   hooks, the pool, the reply headers;
 - ``forkproxy pool call``: the same through a 3-member ``UpstreamPool``
@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 
 import urllib3  # noqa: E402
 
-from scripts.benchkit.run import free_port, static_upstream  # noqa: E402
+from scripts.benchkit.harness import free_port, static_upstream  # noqa: E402
 
 PATH = "/b/small"
 
@@ -61,16 +61,16 @@ class RawClient:
 
 
 def pool_exchange(port: int):
-    from forkproxy.upstream.connections import ProxyPool
+    from forkproxy.upstream.connections import ONE_TRY, Connections
     from forkproxy.http.wire import RequestHead
 
-    pool = ProxyPool("127.0.0.1", port, maxsize=4, block=False)
-    retries, timeout = urllib3.Retry(0, read=False, redirect=False), urllib3.Timeout(connect=5, read=30)
+    connections = Connections("127.0.0.1", port, maxsize=4, block=False)
+    timeout = urllib3.Timeout(connect=5, read=30)
 
     def exchange() -> None:
-        headers = RequestHead("GET", PATH, pool.host_header, urllib3.HTTPHeaderDict({"Accept": "*/*"}))
-        reply = pool.urlopen("GET", PATH, headers=headers, retries=retries, redirect=False,
-                             assert_same_host=False, timeout=timeout, release_conn=False)
+        headers = RequestHead("GET", PATH, connections.host_header, urllib3.HTTPHeaderDict({"Accept": "*/*"}))
+        reply = connections.urlopen("GET", PATH, headers=headers, retries=ONE_TRY, redirect=False,
+                                    assert_same_host=False, timeout=timeout, release_conn=False)
         reply.read_sized()
         reply.release()
     return exchange

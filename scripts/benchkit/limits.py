@@ -23,7 +23,7 @@ from pathlib import Path
 
 from forkproxy.limits.paths import default_path
 from scripts.benchkit.pools import cpu_per_small_get_of
-from scripts.benchkit.run import LOAD_CPU, Target, alternating_args, free_port, pin, static_upstream, wrk
+from scripts.benchkit.harness import LOAD_CPU, Target, alternating_args, free_port, pin, static_upstream, wrk
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:

@@ -33,10 +33,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from scripts.benchkit.harness import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, Target, Upstream, client, cpu_ticks,
+                                      free_port, wait_port, wrk)
 from scripts.benchkit.openai import API_KEY, BODY, STREAM_BODY
-from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, LLMWorkloads, Process, cpu_ticks, free_port,
-                                  wait_port, wrk)
-from scripts.benchkit.tunnels import Upstream, client
 
 TARGETS = ["direct", "nginx", "forkproxy", "naive", "litellm"]
 LITELLM_VENV = ROOT / ".venv-litellm"
@@ -118,6 +117,36 @@ def workloads(target: Process, scripts: dict, args) -> dict:
         out[name] = result
     out["ttfc"] = client("openai", "ttfc", target.url, str(args.ttfc), "1")
     return out
+
+
+class LLMWorkloads:
+    """The chat-completion workloads against one mock upstream, for any target (``run`` gives them to each)."""
+
+    def __init__(self, tmp: Path, args) -> None:
+        self.args = args
+        self.scripts = {"buffered": lua(BODY, tmp / "buffered.lua"), "streamed": lua(STREAM_BODY, tmp / "streamed.lua")}
+        self.mock = Upstream("openai")
+        self.litellm: Path | None = None
+        self.skipped = ""
+
+    def run(self, name: str, rep: int) -> dict | None:
+        if name == "litellm":
+            if self.litellm is None and not self.skipped:
+                print("litellm: installing into .venv-litellm (once)", flush=True)
+                self.litellm, self.skipped = ensure_litellm()
+            if self.litellm is None:
+                if rep == 0:
+                    print(f"litellm skipped: {self.skipped}", flush=True)
+                return None
+        print(f"[{rep + 1}/{self.args.repeat}] {name}: llm", flush=True)
+        target = LiteLLM(self.litellm, self.mock.url) if name == "litellm" else Target(name, self.mock.url)
+        try:
+            return workloads(target, self.scripts, self.args)
+        finally:
+            target.stop()
+
+    def stop(self) -> None:
+        self.mock.stop()
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from scripts.benchkit.run import Target, alternating_args, cpu_per_request, free_port, static_upstream, wrk
+from scripts.benchkit.harness import Target, alternating_args, cpu_per_request, free_port, static_upstream, wrk
 
 
 def upstreams(count: int) -> tuple[list, list[str], list[Path]]:

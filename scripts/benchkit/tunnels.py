@@ -17,29 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 
-from scripts.benchkit.run import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, Target, cpu_ticks, free_port, held,
-                                  pin, wait_port)
+from scripts.benchkit.harness import CLK, LOAD_CPU, PROXY_CPU, Target, Upstream, client, cpu_ticks, held
 
 TARGETS = ["direct", "nginx", "forkproxy", "forkproxy+hooks"]
-
-
-class Upstream(Process):
-    def __init__(self, module: str) -> None:
-        self.name = module
-        super().__init__()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.spawn([sys.executable, "-m", f"scripts.benchkit.{module}", "serve", str(self.port)], LOAD_CPU)
-        wait_port(self.port)
-
-
-def client(module: str, *args: str, timeout: float = 300) -> dict:
-    cmd = pin(LOAD_CPU) + [sys.executable, "-m", f"scripts.benchkit.{module}", *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout).stdout
-    return json.loads(out)
 
 
 def measure(target: Target, args) -> dict:

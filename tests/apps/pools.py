@@ -1,7 +1,8 @@
 """A Proxy over an UpstreamPool built once at import from the environment, for the pool tests.
 
 TEST_MEMBERS is a comma-separated list of members, each ``url[*weight][+backup]``;
-TEST_BALANCE, TEST_MAX_FAILS, TEST_FAIL_TIMEOUT, TEST_MAX_FAIL_TIMEOUT set the pool.
+TEST_BALANCE, TEST_MAX_FAILS, TEST_FAIL_TIMEOUT, TEST_MAX_FAIL_TIMEOUT set the pool;
+TEST_TIMEOUT the response head's timeout, TEST_CA the CA bundle https:// members are checked against.
 X-Test-Retry / X-Test-Retry-Methods build the retry policy; X-Test-Stream streams.
 """
 import os
@@ -38,4 +39,5 @@ class PoolGateway(Proxy):
         res.headers["X-Seen-Attempts"] = str(ures.attempts)
 
 
-app = PoolGateway(POOL, timeout=float(os.environ.get("TEST_TIMEOUT", 3)), connect_timeout=1)
+app = PoolGateway(POOL, timeout=float(os.environ.get("TEST_TIMEOUT", 3)), connect_timeout=1,
+                  ca_certs=os.environ.get("TEST_CA"))

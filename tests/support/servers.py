@@ -224,6 +224,21 @@ def behind_tls(upstream: Upstream, cert) -> Server:
     return tls
 
 
+def over_tls(handle: Callable[[socket.socket], None], cert) -> Callable[[socket.socket], None]:
+    """``handle`` for a ``RawServer`` whose connections speak TLS with ``cert`` (a trustme cert).
+
+    ``handle`` gets the TLS socket once the handshake is done; the server's
+    URL is then ``https://127.0.0.1:<port>``.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(context)
+
+    def serve(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            handle(tls)
+    return serve
+
+
 class RawServer:
     """Accepts connections and runs ``handle(sock)`` for each in a thread."""
 

@@ -1,0 +1,435 @@
+"""One request's life in the proxy, top to bottom: the story a reader follows.
+
+    serve(proxy, environ, start_response)
+      handle                       the request's story; one error exit
+        receive                    the request out of the environ: target, id, upgrade, body
+        shape                      rewrite_path, before_forward (it may answer itself), the checks
+        limit                      rate_limits, taken together
+        attempt                    the attempt loop (``upstream.attempts``): a reply head, or an error
+        relay                      tunnel (a 101) | stream | buffer (the body read whole)
+      answer                       after_forward, then the reply: every request not streamed or tunnelled
+      note                         what the access log and metrics read: written once, here
+
+Every failure on the way is a ``ProxyError`` (hooks' failures too, see
+``forkproxy.hooks``) and leaves through ``fail``, the one error exit, into
+``answer``. What a request carries from step to step lives in one record,
+``Trip``: the hooks' objects, the timings, the outcome of the attempts.
+A reply leaves as one of two explicit outcomes, ``ClientReply`` (status, head,
+body) or ``Tunnelled``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from http import HTTPStatus
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
+
+import urllib3
+
+from forkproxy.errors import BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError
+from forkproxy.hooks import call
+from forkproxy.http import handshake, headers as header_rules
+from forkproxy.limits.gcra import Limit
+from forkproxy.messages import Request, Response, UpstreamRequest, UpstreamResponse, describe
+from forkproxy.metrics import metrics
+from forkproxy.relay.buffered import read_body
+from forkproxy.relay.stream import StreamHooks, StreamRelay, StreamSettings, is_event_stream
+from forkproxy.relay.tunnel import Tunnel, TunnelHooks, TunnelSettings
+from forkproxy.server.inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
+from forkproxy.server import takeover
+from forkproxy.server.worker import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS,
+                                     ENV_UPSTREAM_TIME, close_connection_after)
+from forkproxy.upstream.attempts import Attempted
+from forkproxy.upstream.members import BaseURL, FixedRoute, PoolRoute, UpstreamPool, fixed_route
+from forkproxy.upstream.reply import UpstreamReply
+
+log = logging.getLogger("forkproxy")
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class Gateway(Protocol):
+    """What the lifecycle asks of the proxy it serves (``forkproxy.Proxy``): settings, hooks, resources.
+
+    A protocol rather than the class itself, so that this module does not
+    import the one that imports it.
+    """
+
+    allowed_upgrades: tuple[str, ...]
+    timeout: float
+    connect_timeout: float
+    max_request_body_bytes: int
+    max_response_body_bytes: int
+    stream_idle_timeout: float
+    max_event_bytes: int
+    sse_heartbeat_secs: float
+    tunnel_idle_timeout: float
+    max_ws_message_bytes: int
+    transport: Any  # upstream.attempts.Transport
+    limiter: Any  # limits.limiter.Limiter
+    pick_upstream: Callable[..., Any]
+    rewrite_path: Callable[..., Any]
+    retry_policy: Callable[..., Any]
+    before_forward: Callable[..., Any]
+    rate_limits: Callable[..., Any]
+    stream_request: Callable[..., Any]
+    after_forward: Callable[..., Any]
+    on_stream_chunk: Callable[..., Any]
+    on_stream_end: Callable[..., Any]
+    on_ws_message: Callable[..., Any]
+    on_tunnel_end: Callable[..., Any]
+
+    def trusted(self) -> Any: ...
+
+    def overridden(self, hook: str) -> bool: ...
+
+    def wants_messages(self) -> bool: ...
+
+
+class Trip:
+    """What one request carries from step to step: the hooks' objects, its timings, how its attempts went."""
+
+    __slots__ = ("environ", "req", "res", "ures", "ureq", "upgrade", "stream_wanted", "started", "member",
+                 "answered_by_hook", "close_after")
+
+    def __init__(self, environ: dict) -> None:
+        self.environ = environ
+        self.req: Request | None = None
+        self.res = Response()
+        self.ures = UpstreamResponse()
+        self.ureq: UpstreamRequest | None = None
+        self.upgrade: str | None = None  # the protocols a tunnel request asks for, as sent
+        self.stream_wanted = False  # stream_request said so
+        self.started = 0.0  # when the attempts began (monotonic)
+        self.member: BaseURL | None = None  # the member that answered, or was tried last
+        self.answered_by_hook = False  # before_forward answered: res is the hook's
+        self.close_after = False  # unread request bytes may be left: the connection is not reused
+
+
+class ClientReply(NamedTuple):
+    """A reply for the server to send: buffered (a list of one body) or a stream (its relay)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: Iterable[bytes]
+
+
+class Tunnelled(NamedTuple):
+    """A reply that is a tunnel: it writes its own 101 and takes the connection."""
+
+    tunnel: Tunnel
+
+
+# -- the WSGI call ---------------------------------------------------------------
+
+def serve(proxy: Gateway, environ: dict, start_response: Callable) -> Iterable[bytes]:
+    trip = Trip(environ)
+    try:
+        outcome = handle(proxy, trip)
+    except Exception:  # a bug in forkproxy itself: still the contract's JSON, the traceback logged
+        outcome = _internal_error(trip)
+    if isinstance(outcome, Tunnelled):
+        outcome.tunnel.run()
+        takeover.give_back()  # to the server: this connection is over, write nothing more on it
+    try:
+        start_response(status_line(outcome.status), outcome.headers)
+    except Exception as exc:  # a head the server refuses that no rule here foresaw: still JSON, nothing leaked
+        return _refused_by_server(trip, start_response, outcome.body, exc)
+    return outcome.body
+
+
+def handle(proxy: Gateway, trip: Trip) -> ClientReply | Tunnelled:
+    """The request's story. Every ``ProxyError`` on the way leaves through ``fail``, then ``answer``."""
+    try:
+        receive(proxy, trip)
+        if shape(proxy, trip):
+            limit(proxy, trip)
+            reply = attempt(proxy, trip)
+            if reply.status == 101:
+                return tunnel(proxy, trip, reply)
+            if _streams(proxy, trip, reply):
+                return stream(proxy, trip, reply)
+            buffer(proxy, trip, reply)
+    except ProxyError as err:
+        fail(trip, err)
+    return answer(proxy, trip)
+
+
+# -- the steps ---------------------------------------------------------------------
+
+def receive(proxy: Gateway, trip: Trip) -> None:
+    """The request out of the environ: its target (400 if not a path), its id, an upgrade asked for, its body."""
+    req, refused = request_from_environ(trip.environ)
+    req.request_id = request_id(header_rules.get(req.headers, REQUEST_ID_HEADER))
+    trip.req = req
+    if refused is not None:
+        raise refused
+    if header_rules.wants_upgrade(req.headers):
+        trip.upgrade = handshake.requested_upgrade(req.headers, proxy.allowed_upgrades)  # 501 if not allowed
+        takeover.client_socket(trip.environ)  # 501 if the server cannot hand the connection over
+    req.body = read_request_body(trip.environ, proxy.max_request_body_bytes, proxy.timeout)
+
+
+def shape(proxy: Gateway, trip: Trip) -> bool:
+    """The upstream request, as the hooks make it; False when ``before_forward`` answered itself."""
+    req = trip.req
+    ureq = trip.ureq = _upstream_request(proxy, req)
+    if trip.upgrade is not None and proxy.wants_messages():
+        handshake.only_deflate_offered(ureq.headers)
+    if call(proxy.before_forward, req, trip.res, ureq):
+        trip.answered_by_hook = True
+        return False
+    _check_upstream_request(ureq)
+    return True
+
+
+def limit(proxy: Gateway, trip: Trip) -> None:
+    """The request's rate limits, all taken or none (429 ``rate_limited``); only when ``rate_limits`` is user code."""
+    if not proxy.overridden("rate_limits"):
+        return
+    limits = call(proxy.rate_limits, trip.req)
+    if not limits:
+        return
+    if not isinstance(limits, (list, tuple)) or not all(isinstance(one, Limit) for one in limits):
+        raise HookError(f"rate_limits must return a list of Limit, not {limits!r:.100}")
+    trip.req.rate_limit_headers = proxy.limiter.take(limits)  # raises RateLimited, LimitsUnavailable
+
+
+def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
+    """The attempt loop: the reply whose head was accepted, or its error raised."""
+    req = trip.req
+    route = _route(proxy, req)
+    policy = call(proxy.retry_policy, req)
+    trip.stream_wanted = call(proxy.stream_request, req)
+    trip.started = time.monotonic()
+    attempted = proxy.transport.send(route, trip.ureq, policy, timeouts(proxy), trip.upgrade)
+    _attempted(trip, attempted)
+    if attempted.error is not None:
+        raise attempted.error
+    reply = attempted.reply
+    trip.ures.status, trip.ures.headers = reply.status, reply.headers
+    return reply
+
+
+def tunnel(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> Tunnelled:
+    """A 101: the connection becomes a tunnel (``relay.tunnel``), which writes the client's 101 itself."""
+    note(trip)
+    hooks = TunnelHooks(proxy.on_ws_message if proxy.wants_messages() else None, proxy.on_tunnel_end)
+    settings = TunnelSettings(proxy.tunnel_idle_timeout, proxy.max_ws_message_bytes)
+    try:
+        return Tunnelled(Tunnel(trip.req, reply, trip.member, trip.upgrade, own_fields(trip.req), hooks,
+                                settings))
+    except BaseException:
+        reply.close()  # nobody else will: the tunnel never took the connection
+        raise
+
+
+def stream(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> ClientReply:
+    """The streaming path (``relay.stream``): the head now, then each unit as it arrives."""
+    note(trip)
+    hooks = StreamHooks(proxy.on_stream_chunk, proxy.on_stream_end)
+    settings = StreamSettings(proxy.stream_idle_timeout, proxy.max_event_bytes, proxy.sse_heartbeat_secs)
+    try:
+        relay = StreamRelay(trip.req, reply, trip.member, hooks, settings)
+        status, fields = relay.head()
+    except BaseException:
+        reply.close()  # nobody else will: the relay never took the connection
+        raise
+    fields.append(("X-Accel-Buffering", "no"))
+    fields += own_fields(trip.req)
+    return ClientReply(status, fields, relay)
+
+
+def buffer(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> None:
+    """The buffered path: the body read whole, up to ``max_response_body_bytes``, into ``res`` and ``ures``."""
+    ures, res = trip.ures, trip.res
+    ures.body = read_body(reply, proxy.max_response_body_bytes, trip.member)
+    res.status, res.body = reply.status, ures.body
+    # Only an after_forward hook could make the two differ; without one, no copy.
+    res.headers = reply.headers.copy() if proxy.overridden("after_forward") else reply.headers
+
+
+def fail(trip: Trip, err: ProxyError) -> None:
+    """The one error exit: the error is logged, seen by ``after_forward`` in ``ures.error``, and becomes ``res``."""
+    where = describe(trip.req) if trip.req is not None else f"[-] {trip.environ.get('REQUEST_METHOD')}"
+    if isinstance(err, HookError) and err.__cause__ is not None:
+        log.error("%s: %s", where, err.message, exc_info=err.__cause__)
+    else:  # the client's message names no address or OS error: the log line has them
+        log.warning("%s -> %d %s: %s%s", where, err.status, err.type, err.message, _detail(err, trip.ures))
+    trip.ures.error = err
+    trip.close_after = trip.close_after or isinstance(err, (PayloadTooLarge, BadRequest))
+    error = Response.from_error(err)
+    trip.res.status, trip.res.headers, trip.res.body = error.status, error.headers, error.body
+
+
+def answer(proxy: Gateway, trip: Trip) -> ClientReply:
+    """Every request not streamed or tunnelled ends here: ``after_forward`` exactly once, then ``res`` goes out."""
+    req, res, ures = trip.req, trip.res, trip.ures
+    note(trip)
+    try:
+        if req is None:  # the environ itself could not be read: nothing for a hook to see
+            raise InternalError("internal proxy error; the proxy's log has the details")
+        call(proxy.after_forward, req, ures, res)
+        fields = _client_fields(req, res, checked=trip.answered_by_hook or proxy.overridden("after_forward"))
+    except ProxyError as err:  # after_forward's own answer, a hook_error, or a header it set that cannot go out
+        fail(trip, err)
+        fields = _client_fields(req, res, checked=False)
+    body: Iterable[bytes] = [res.body]
+    if trip.close_after:
+        body = close_connection_after(body, trip.environ)
+    counters = metrics()
+    if counters.enabled:
+        counters.answered(trip.environ["REQUEST_METHOD"], res.status, ures.upstream or "-",
+                          ures.error.type if ures.error else None)
+    return ClientReply(res.status, fields, body)
+
+
+def note(trip: Trip) -> None:
+    """What gunicorn's access log reads of this request, written into the environ once, when its reply head is ready."""
+    environ, ures = trip.environ, trip.ures
+    if trip.req is not None:
+        environ[ENV_REQUEST_ID] = trip.req.request_id
+    if trip.started:
+        environ[ENV_RETRIES] = ures.attempts - 1
+        environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - trip.started:.6f}"
+    if trip.member is not None:
+        environ[ENV_UPSTREAM] = trip.member.host_port
+    if ures.status:
+        environ[ENV_UPSTREAM_STATUS] = ures.status
+
+
+def own_fields(req: Request) -> list[tuple[str, str]]:
+    """forkproxy's own fields on every reply to ``req``: its request id, and the RateLimit fields once limited."""
+    return [(REQUEST_ID_HEADER, req.request_id), *req.rate_limit_headers]
+
+
+def status_line(status: int) -> str:
+    return f"{status} {_REASONS.get(status, 'Unknown')}"
+
+
+# -- the steps' parts ------------------------------------------------------------
+
+def _upstream_request(proxy: Gateway, req: Request) -> UpstreamRequest:
+    """The request as the upstream will get it, before the hooks: forwarding headers set, the path rewritten."""
+    host = header_rules.get(req.headers, "host") or req.environ.get("SERVER_NAME", "")
+    forwarded = header_rules.upstream_request_headers(
+        req.headers,
+        client_addr=req.remote_addr,
+        proto=req.scheme,
+        host=host,
+        peer_trusted=req.remote_addr in proxy.trusted(),
+    )
+    forwarded[REQUEST_ID_HEADER] = req.request_id
+    return UpstreamRequest(req.method, call(proxy.rewrite_path, req.raw_path), forwarded, req.body)
+
+
+def _check_upstream_request(ureq: UpstreamRequest) -> None:
+    """What a hook may have set must not let one request smuggle another (or break the framing)."""
+    if not isinstance(ureq.method, str) or not header_rules.TOKEN_RE.fullmatch(ureq.method):
+        raise HookError(f"upstream method is not an HTTP token: {ureq.method!r}")
+    if not isinstance(ureq.path, str) or not ureq.path.startswith("/"):
+        raise HookError(f"upstream path must start with '/': {ureq.path!r}")
+    if header_rules.unfit_for_target(ureq.path):
+        raise HookError(f"upstream path holds a space, a control or a non-latin-1 character: {ureq.path!r}")
+    bad = header_rules.first_forbidden(header_rules.lines(ureq.headers))
+    if bad is not None:
+        raise HookError(f"upstream request header {bad!r}: {header_rules.FORBIDDEN_WHY}")
+
+
+def _route(proxy: Gateway, req: Request) -> FixedRoute | PoolRoute:
+    """The way this request takes: to the one base URL ``pick_upstream`` gave, or through its pool."""
+    picked = call(proxy.pick_upstream, req)
+    if isinstance(picked, UpstreamPool):
+        return picked.route()
+    try:
+        return fixed_route(picked)
+    except (ValueError, TypeError) as exc:
+        raise HookError(f"pick_upstream gave an unusable upstream: {exc}") from None
+
+
+def _attempted(trip: Trip, attempted: Attempted) -> None:
+    """What hooks and metrics see of the attempts: how many, the member tried last."""
+    ures, member = trip.ures, attempted.member
+    ures.attempts = attempted.retries + 1
+    trip.req.ivars["proxy_retry_count"] = attempted.retries
+    if member is None:  # a pool with every member down: nothing was contacted
+        return
+    trip.member, ures.upstream = member, member.origin
+    counters = metrics()
+    if counters.enabled:
+        counters.upstream_done(member.origin, time.monotonic() - trip.started, attempted.retries)
+
+
+def _streams(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> bool:
+    """Whether the reply goes down the streaming path: the hook asks for it, or the upstream sends events."""
+    req = trip.req
+    if req.method == "HEAD" or reply.status < 200 or reply.status in (204, 304):
+        return False  # no body to stream
+    return trip.stream_wanted or is_event_stream(reply.headers)
+
+
+def _client_fields(req: Request, res: Response, *, checked: bool) -> list[tuple[str, str]]:
+    """The head of ``res`` for the client; Content-Length is the body's, except where no body is
+    sent (HEAD, 204, 304) and the upstream's stands.
+
+    ``checked``: headers a hook may have set are checked; the upstream's own
+    passed ``wire.read_head``, which refuses the same characters.
+    """
+    keep_length = req.method == "HEAD" or res.status in (204, 304)
+    fields = header_rules.client_response_headers(res.headers, keep_content_length=keep_length,
+                                                  drop=(REQUEST_ID_HEADER.lower(),))
+    bad = header_rules.first_forbidden(fields) if checked else None
+    if bad is not None:
+        raise HookError(f"response header {bad!r}: {header_rules.FORBIDDEN_WHY}")
+    if not keep_length:
+        fields.append(("Content-Length", str(len(res.body))))
+    fields += own_fields(req)
+    return fields
+
+
+def _detail(err: ProxyError, ures: UpstreamResponse) -> str:
+    """For the log: the member tried last and what the failure raised underneath, when there is one."""
+    cause = err.__cause__
+    if cause is None:
+        return ""
+    where = f"{ures.upstream}: " if ures.upstream else ""
+    return f" ({where}{type(cause).__name__}: {cause})"
+
+
+def _internal_error(trip: Trip) -> ClientReply:
+    environ = trip.environ
+    log.exception("[%s] %s %s: internal error", trip.req.request_id if trip.req is not None else "-",
+                  environ.get("REQUEST_METHOD"), environ.get("RAW_URI"))
+    err = InternalError("internal proxy error; the proxy's log has the details")
+    return ClientReply(err.status, _json_fields(err.body()), [err.body()])
+
+
+def _refused_by_server(trip: Trip, start_response: Callable, body: Iterable[bytes], exc: Exception) -> list[bytes]:
+    environ = trip.environ
+    log.error("[%s] %s %s: the server refused the reply head (%s: %s); answering 502",
+              trip.req.request_id if trip.req is not None else "-", environ.get("REQUEST_METHOD"),
+              environ.get("RAW_URI"), type(exc).__name__, exc)
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
+    err = BadUpstreamResponse("the reply head holds what HTTP cannot carry; the proxy's log has the details")
+    start_response(status_line(err.status), _json_fields(err.body()), sys.exc_info())
+    return [err.body()]
+
+
+def timeouts(proxy: Gateway) -> urllib3.Timeout:
+    """What each attempt waits: ``connect_timeout`` for a connect (never above ``timeout``), ``timeout`` per read."""
+    return _timeouts(proxy.connect_timeout, proxy.timeout)
+
+
+@functools.lru_cache(maxsize=16)
+def _timeouts(connect: float, read: float) -> urllib3.Timeout:
+    """One per pair of settings, not per request (urllib3 clones it per request)."""
+    return urllib3.Timeout(connect=min(connect, read), read=read)
+
+
+def _json_fields(body: bytes) -> list[tuple[str, str]]:
+    return [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+
