@@ -186,6 +186,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds to wait for the upstream (connect and each read)"),
     Setting("connect_timeout", PROXY, "FORKPROXY_CONNECT_TIMEOUT", _SECONDS, 10.0,
             "seconds for a TCP/TLS connect (never above the timeout)"),
+    Setting("deadline", PROXY, "FORKPROXY_DEADLINE", _SECONDS_OR_OFF, 0.0,
+            "seconds from a request received to its reply accepted, across every attempt, failover and backoff; "
+            "0 = none"),
     Setting("max_request_body_bytes", PROXY, "FORKPROXY_MAX_REQUEST_BODY_BYTES", _BYTES_OR_OFF, 1 * MiB,
             "request body cap, 0 = none"),
     Setting("max_response_body_bytes", PROXY, "FORKPROXY_MAX_RESPONSE_BODY_BYTES", _BYTES_OR_OFF, 8 * MiB,

@@ -70,6 +70,17 @@ HOOKS: tuple[HookSpec, ...] = (
              "HTTP can carry; else 500 `hook_error` and nothing is sent), then forkproxy sets Host and "
              "Content-Length and drops hop-by-hop fields; `True` skips limits and upstream, and `after_forward` "
              "still runs", BEFORE_HEAD, _HOOK_ERROR),
+    HookSpec("before_attempt", ("req", "ureq", "upstream"), None, "nothing",
+             "before every attempt (the first, retries, failovers), on a fresh copy of the `ureq` "
+             "`before_forward` left; `upstream` is the attempt's `Upstream` (see Failover)",
+             "what it changed goes to that attempt only, checked as `before_forward`'s `ureq` is (else 500 "
+             "`hook_error` and nothing is sent)", BEFORE_HEAD, _HOOK_ERROR),
+    HookSpec("judge_reply", ("req", "ures"), "str | None", "`None`",
+             "on every upstream reply head before it is accepted, `ures.body` read when its status is 400 or more "
+             "(see Failover)",
+             "`\"accept\"` takes it, `\"retry\"` sends again to the same member, `\"fail_over\"` moves on to the "
+             "next member, `None` leaves it to the retry policy; anything else is 500 `hook_error`",
+             BEFORE_HEAD, _HOOK_ERROR),
     HookSpec("after_forward", ("req", "ures", "res"), None, "nothing",
              "once for every request not streamed — also after a short-circuit or a proxy-made error "
              "(`ures.status == 0`, `ures.error` set)",
@@ -103,8 +114,13 @@ HOOK_NAMES: tuple[str, ...] = tuple(spec.name for spec in HOOKS)
 def hook_table() -> str:
     """The README's hook table."""
     rows = ["| hook | default | when |", "|---|---|---|"]
-    rows += [f"| `{spec.signature()}` | {spec.default} | {spec.when} |" for spec in HOOKS]
+    rows += [f"| `{_cell(spec.signature())}` | {spec.default} | {spec.when} |" for spec in HOOKS]
     return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    """``text`` in a Markdown table cell: a ``|`` (``str | None``) is escaped."""
+    return text.replace("|", "\\|")
 
 
 def call(hook: Callable, *args: Any) -> Any:

@@ -41,8 +41,8 @@ from forkproxy.server.inbound import REQUEST_ID_HEADER, read_request_body, reque
 from forkproxy.server import takeover
 from forkproxy.server.worker import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS,
                                      ENV_UPSTREAM_TIME, close_connection_after)
-from forkproxy.upstream.attempts import Attempted
-from forkproxy.upstream.members import BaseURL, FixedRoute, PoolRoute, UpstreamPool, fixed_route
+from forkproxy.upstream.attempts import VERDICTS, Attempted, Deadline, Judge, Shape
+from forkproxy.upstream.members import FixedRoute, PoolRoute, Upstream, UpstreamPool, fixed_route
 from forkproxy.upstream.reply import UpstreamReply
 
 log = logging.getLogger("forkproxy")
@@ -60,6 +60,7 @@ class Gateway(Protocol):
     allowed_upgrades: tuple[str, ...]
     timeout: float
     connect_timeout: float
+    deadline: float
     max_request_body_bytes: int
     max_response_body_bytes: int
     stream_idle_timeout: float
@@ -73,6 +74,8 @@ class Gateway(Protocol):
     rewrite_path: Callable[..., Any]
     retry_policy: Callable[..., Any]
     before_forward: Callable[..., Any]
+    before_attempt: Callable[..., Any]
+    judge_reply: Callable[..., Any]
     rate_limits: Callable[..., Any]
     stream_request: Callable[..., Any]
     after_forward: Callable[..., Any]
@@ -91,8 +94,8 @@ class Gateway(Protocol):
 class Trip:
     """What one request carries from step to step: the hooks' objects, its timings, how its attempts went."""
 
-    __slots__ = ("environ", "req", "res", "ures", "ureq", "upgrade", "stream_wanted", "started", "member",
-                 "answered_by_hook", "close_after")
+    __slots__ = ("environ", "req", "res", "ures", "ureq", "upgrade", "stream_wanted", "received", "started",
+                 "member", "answered_by_hook", "close_after", "body_read")
 
     def __init__(self, environ: dict) -> None:
         self.environ = environ
@@ -102,10 +105,12 @@ class Trip:
         self.ureq: UpstreamRequest | None = None
         self.upgrade: str | None = None  # the protocols a tunnel request asks for, as sent
         self.stream_wanted = False  # stream_request said so
+        self.received = 0.0  # when the request was received, body included (monotonic): its deadline counts from it
         self.started = 0.0  # when the attempts began (monotonic)
-        self.member: BaseURL | None = None  # the member that answered, or was tried last
+        self.member: Upstream | None = None  # the member that answered, or was tried last
         self.answered_by_hook = False  # before_forward answered: res is the hook's
         self.close_after = False  # unread request bytes may be left: the connection is not reused
+        self.body_read = False  # judge_reply was shown the reply's (error) body: it is in ures.body, to be buffered
 
 
 class ClientReply(NamedTuple):
@@ -149,7 +154,7 @@ def handle(proxy: Gateway, trip: Trip) -> ClientReply | Tunnelled:
             reply = attempt(proxy, trip)
             if reply.status == 101:
                 return tunnel(proxy, trip, reply)
-            if _streams(proxy, trip, reply):
+            if not trip.body_read and _streams(proxy, trip, reply):
                 return stream(proxy, trip, reply)
             buffer(proxy, trip, reply)
     except ProxyError as err:
@@ -170,6 +175,8 @@ def receive(proxy: Gateway, trip: Trip) -> None:
         trip.upgrade = handshake.requested_upgrade(req.headers, proxy.allowed_upgrades)  # 501 if not allowed
         takeover.client_socket(trip.environ)  # 501 if the server cannot hand the connection over
     req.body = read_request_body(trip.environ, proxy.max_request_body_bytes, proxy.timeout)
+    req.deadline = proxy.deadline
+    trip.received = time.monotonic()
 
 
 def shape(proxy: Gateway, trip: Trip) -> bool:
@@ -204,7 +211,10 @@ def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
     policy = call(proxy.retry_policy, req)
     trip.stream_wanted = call(proxy.stream_request, req)
     trip.started = time.monotonic()
-    attempted = proxy.transport.send(route, trip.ureq, policy, timeouts(proxy), trip.upgrade)
+    shape = _before_attempt(proxy, req) if proxy.overridden("before_attempt") else None
+    judge = _judge_reply(proxy, trip) if proxy.overridden("judge_reply") else None
+    attempted = proxy.transport.send(route, trip.ureq, policy, timeouts(proxy), trip.upgrade, shape, judge,
+                                     _deadline(trip))
     _attempted(trip, attempted)
     if attempted.error is not None:
         raise attempted.error
@@ -245,7 +255,8 @@ def stream(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> ClientReply:
 def buffer(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> None:
     """The buffered path: the body read whole, up to ``max_response_body_bytes``, into ``res`` and ``ures``."""
     ures, res = trip.ures, trip.res
-    ures.body = read_body(reply, proxy.max_response_body_bytes, trip.member)
+    if not trip.body_read:  # else judge_reply was shown it: it is in ures.body already
+        ures.body = read_body(reply, proxy.max_response_body_bytes, trip.member.base)
     res.status, res.body = reply.status, ures.body
     # Only an after_forward hook could make the two differ; without one, no copy.
     res.headers = reply.headers.copy() if proxy.overridden("after_forward") else reply.headers
@@ -253,7 +264,7 @@ def buffer(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> None:
 
 def fail(trip: Trip, err: ProxyError) -> None:
     """The one error exit: the error is logged, seen by ``after_forward`` in ``ures.error``, and becomes ``res``."""
-    where = describe(trip.req) if trip.req is not None else f"[-] {trip.environ.get('REQUEST_METHOD')}"
+    where = describe(trip.req)  # set by receive before anything can fail
     if isinstance(err, HookError) and err.__cause__ is not None:
         log.error("%s: %s", where, err.message, exc_info=err.__cause__)
     else:  # the client's message names no address or OS error: the log line has them
@@ -269,8 +280,6 @@ def answer(proxy: Gateway, trip: Trip) -> ClientReply:
     req, res, ures = trip.req, trip.res, trip.ures
     note(trip)
     try:
-        if req is None:  # the environ itself could not be read: nothing for a hook to see
-            raise InternalError("internal proxy error; the proxy's log has the details")
         call(proxy.after_forward, req, ures, res)
         fields = _client_fields(req, res, checked=trip.answered_by_hook or proxy.overridden("after_forward"))
     except ProxyError as err:  # after_forward's own answer, a hook_error, or a header it set that cannot go out
@@ -281,7 +290,7 @@ def answer(proxy: Gateway, trip: Trip) -> ClientReply:
         body = close_connection_after(body, trip.environ)
     counters = metrics()
     if counters.enabled:
-        counters.answered(trip.environ["REQUEST_METHOD"], res.status, ures.upstream or "-",
+        counters.answered(trip.environ["REQUEST_METHOD"], res.status, ures.upstream_name or "-",
                           ures.error.type if ures.error else None)
     return ClientReply(res.status, fields, body)
 
@@ -289,13 +298,12 @@ def answer(proxy: Gateway, trip: Trip) -> ClientReply:
 def note(trip: Trip) -> None:
     """What gunicorn's access log reads of this request, written into the environ once, when its reply head is ready."""
     environ, ures = trip.environ, trip.ures
-    if trip.req is not None:
-        environ[ENV_REQUEST_ID] = trip.req.request_id
+    environ[ENV_REQUEST_ID] = trip.req.request_id
     if trip.started:
         environ[ENV_RETRIES] = ures.attempts - 1
         environ[ENV_UPSTREAM_TIME] = f"{time.monotonic() - trip.started:.6f}"
     if trip.member is not None:
-        environ[ENV_UPSTREAM] = trip.member.host_port
+        environ[ENV_UPSTREAM] = trip.member.name
     if ures.status:
         environ[ENV_UPSTREAM_STATUS] = ures.status
 
@@ -323,6 +331,46 @@ def _upstream_request(proxy: Gateway, req: Request) -> UpstreamRequest:
     )
     forwarded[REQUEST_ID_HEADER] = req.request_id
     return UpstreamRequest(req.method, call(proxy.rewrite_path, req.raw_path), forwarded, req.body)
+
+
+def _before_attempt(proxy: Gateway, req: Request) -> Shape:
+    """Each attempt's own request: a fresh copy of what ``before_forward`` left, shaped by ``before_attempt``
+    for its member, and checked as ``before_forward``'s is (nothing unchecked reaches an upstream)."""
+    hook = proxy.before_attempt
+
+    def shape(ureq: UpstreamRequest, member: Upstream) -> UpstreamRequest:
+        own = UpstreamRequest(ureq.method, ureq.path, ureq.headers.copy(), ureq.body)
+        call(hook, req, own, member)
+        _check_upstream_request(own)
+        return own
+    return shape
+
+
+def _judge_reply(proxy: Gateway, trip: Trip) -> Judge:
+    """Each reply head's verdict by ``judge_reply``, shown in ``ures`` with the body of a 4xx/5xx read for it
+    (up to ``max_response_body_bytes``); a verdict that is not one of ``VERDICTS`` is a ``hook_error``."""
+    hook, req, ures = proxy.judge_reply, trip.req, trip.ures
+
+    def judge(reply: UpstreamReply, member: Upstream, attempts: int) -> str | None:
+        trip.body_read = reply.status >= 400
+        ures.status, ures.headers, ures.attempts = reply.status, reply.headers, attempts
+        ures.upstream, ures.upstream_name = member.base.origin, member.name
+        ures.body = read_body(reply, proxy.max_response_body_bytes, member.base) if trip.body_read else b""
+        verdict = call(hook, req, ures)
+        if verdict not in VERDICTS:
+            raise HookError(f"judge_reply must return 'accept', 'retry', 'fail_over' or None, not {verdict!r:.100}")
+        return verdict
+    return judge
+
+
+def _deadline(trip: Trip) -> Deadline | None:
+    """The request's deadline, as a hook may have set ``req.deadline`` (0: none)."""
+    seconds = trip.req.deadline
+    if not seconds:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+        raise HookError(f"req.deadline must be a number of seconds (0 for none): {seconds!r:.100}")
+    return Deadline(trip.received + seconds, float(seconds))
 
 
 def _check_upstream_request(ureq: UpstreamRequest) -> None:
@@ -356,10 +404,10 @@ def _attempted(trip: Trip, attempted: Attempted) -> None:
     trip.req.ivars["proxy_retry_count"] = attempted.retries
     if member is None:  # a pool with every member down: nothing was contacted
         return
-    trip.member, ures.upstream = member, member.origin
+    trip.member, ures.upstream, ures.upstream_name = member, member.base.origin, member.name
     counters = metrics()
     if counters.enabled:
-        counters.upstream_done(member.origin, time.monotonic() - trip.started, attempted.retries)
+        counters.upstream_done(member.name, time.monotonic() - trip.started, attempted.retries)
 
 
 def _streams(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> bool:

@@ -25,6 +25,7 @@ class Request:
     """The client's request as forkproxy received it."""
 
     rate_limit_headers: "Sequence[tuple[str, str]]" = ()  # RateLimit-Policy/RateLimit for the reply, once limited
+    deadline: float = 0.0  # seconds from received to reply accepted (the setting; a hook may change it), 0 = none
 
     def __init__(
         self,
@@ -124,6 +125,7 @@ class UpstreamResponse:
         error: ProxyError | None = None,
         attempts: int = 0,
         upstream: str = "",
+        upstream_name: str = "",
     ) -> None:
         self.status = status
         self.headers = headers if headers is not None else HTTPHeaderDict()
@@ -131,6 +133,7 @@ class UpstreamResponse:
         self.error = error
         self.attempts = attempts
         self.upstream = upstream  # origin of the upstream that answered or was tried last
+        self.upstream_name = upstream_name  # that member's name (host:port unless it was given one)
 
     def __repr__(self) -> str:
         return (f"<UpstreamResponse {self.status} from {self.upstream or '-'} attempts={self.attempts} "

@@ -20,7 +20,7 @@ from forkproxy.messages import (MessageWriter, Request, Response, StreamStats, S
 from forkproxy.server.trust import TrustedProxies
 from forkproxy.server.worker import default_trusted
 from forkproxy.upstream.attempts import Transport
-from forkproxy.upstream.members import UpstreamPool
+from forkproxy.upstream.members import Upstream, UpstreamPool
 from forkproxy.upstream.retry import RetryPolicy
 
 
@@ -63,6 +63,13 @@ class Proxy:
     def before_forward(self, req: Request, res: Response, ureq: UpstreamRequest) -> bool:
         """Shape ``ureq``; return True to answer with ``res`` instead."""
         return False
+
+    def before_attempt(self, req: Request, ureq: UpstreamRequest, upstream: Upstream) -> None:
+        """Shape one attempt's own copy of ``ureq`` for the member ``upstream`` (its key, model, path)."""
+
+    def judge_reply(self, req: Request, ures: UpstreamResponse) -> "str | None":
+        """A reply head's verdict: "accept", "retry" (same member), "fail_over" (next member) or None (the policy)."""
+        return None
 
     def after_forward(self, req: Request, ures: UpstreamResponse, res: Response) -> None:
         """Runs once for every request that is not streamed."""

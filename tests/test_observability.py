@@ -107,7 +107,8 @@ def test_metrics_are_summed_across_two_workers(upstream):
             if sample(text, "forkproxy_requests_total") >= 25:
                 break
             time.sleep(0.1)
-        assert sample(text, "forkproxy_requests_total", method="GET", status="200", upstream=upstream.url) == 23
+        assert sample(text, "forkproxy_requests_total", method="GET", status="200",
+                      upstream=f"127.0.0.1:{upstream.port}") == 23  # a member is named host:port
         assert sample(text, "forkproxy_requests_total", method="POST", status="200") == 1
         assert sample(text, "forkproxy_requests_total", status="501") == 1
         assert sample(text, "forkproxy_proxy_errors_total", type="upgrade_not_supported") == 1

@@ -146,8 +146,8 @@ def test_a_failed_attempt_gives_its_slot_back_to_the_connection_pool_with_its_co
                 assert attempted.reply.read_sized().decode() == expected
                 attempted.reply.release()
             else:
-                assert attempted.error.type == expected and attempted.member == route.base
-        slots = transport.connections(route.base).pool
+                assert attempted.error.type == expected and attempted.member is route.member
+        slots = transport.connections(route.member.base).pool
         assert slots.qsize() == 1 and slots.get_nowait() is None  # the slot is back, the connection is not
         assert server.got == 3 and server.accepted == 2
     finally:

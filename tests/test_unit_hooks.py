@@ -151,7 +151,7 @@ def test_every_specified_hook_is_a_proxy_method_with_the_specified_signature(spe
     assert tuple(signature.parameters)[1:] == spec.params  # after self
     returns = str(signature.return_annotation).strip("'\"")
     # the README names a hook's main return type (pick_upstream: a URL; a pool is its own section)
-    assert returns.split(" | ")[0] == (spec.returns or "None")
+    assert returns.split(" | ")[0] == (spec.returns or "None").split(" | ")[0]
     assert spec.phase in (BEFORE_HEAD, AFTER_HEAD) and spec.when and spec.then and spec.if_raises
 
 
@@ -163,7 +163,7 @@ def test_a_proxy_registers_exactly_the_specified_hooks():
         fn = lambda *args: None  # noqa: E731
         fn.__name__ = name
         assert proxy.hook(fn) is fn and getattr(proxy, name) is fn
-    for not_a_hook in ("charge", "wants_messages", "before_attempt"):  # a method, and a hook not built yet
+    for not_a_hook in ("charge", "wants_messages", "resume_stream"):  # a method, and a hook not built yet
         fn = lambda *args: None  # noqa: E731
         fn.__name__ = not_a_hook
         with pytest.raises(ValueError):

@@ -36,7 +36,7 @@ from forkproxy.relay.heartbeat import HEARTBEAT, Units, paced
 from forkproxy.server import shutdown
 from forkproxy.server.inbound import REQUEST_ID_HEADER
 from forkproxy.upstream.failures import body_error
-from forkproxy.upstream.members import BaseURL
+from forkproxy.upstream.members import Upstream
 from forkproxy.upstream.reply import UpstreamReply
 
 log = logging.getLogger("forkproxy")
@@ -105,7 +105,7 @@ class StreamAborted(ConnectionResetError):
 class StreamRelay:
     """One streamed response: the upstream body, the hooks, the client."""
 
-    def __init__(self, req: Request, reply: UpstreamReply, member: BaseURL, hooks: StreamHooks,
+    def __init__(self, req: Request, reply: UpstreamReply, member: Upstream, hooks: StreamHooks,
                  settings: StreamSettings) -> None:
         self.req = req
         self.reply = reply
@@ -226,7 +226,7 @@ class StreamRelay:
         if counters.enabled:
             counters.active_streams.dec()
             counters.stream_ended(stats.chunk_count, stats.byte_count)
-            counters.answered(req.method, self.reply.status, self.member.origin,
+            counters.answered(req.method, self.reply.status, self.member.name,
                               "stream_cut" if stats.errored else None)
         call_after_head(self.hooks.on_end, describe(req), req, self.out, stats)
 
@@ -244,7 +244,7 @@ class StreamRelay:
         return next_units
 
     def _framed_units(self) -> Units:
-        member, pieces = self.member, self._body_pieces()
+        member, pieces = self.member.base, self._body_pieces()
         if self.sse:
             framer = EventFramer(self.settings.max_event_bytes)
 

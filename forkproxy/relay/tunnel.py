@@ -41,7 +41,7 @@ from forkproxy.metrics import metrics
 from forkproxy.relay.wsmessages import MessageHook, MessageRelay
 from forkproxy.server import shutdown, takeover
 from forkproxy.server.worker import ENV_BYTES_IN, log_access
-from forkproxy.upstream.members import BaseURL
+from forkproxy.upstream.members import Upstream
 from forkproxy.upstream.reply import UpstreamReply
 
 log = logging.getLogger("forkproxy")
@@ -103,7 +103,7 @@ class _Side:
 class Tunnel:
     """One tunnel: made once the upstream answered 101, run in the request's greenlet."""
 
-    def __init__(self, req: Request, reply: UpstreamReply, member: BaseURL, upgrade: str,
+    def __init__(self, req: Request, reply: UpstreamReply, member: Upstream, upgrade: str,
                  own_fields: list[tuple[str, str]], hooks: TunnelHooks, settings: TunnelSettings) -> None:
         """``own_fields``: forkproxy's own fields for the client's 101 (its request id, RateLimit fields)."""
         self.req = req
@@ -292,7 +292,7 @@ class Tunnel:
         if counters.enabled:
             counters.active_tunnels.dec()
             counters.tunnel_ended(stats.bytes_from_client, stats.bytes_from_upstream)
-            counters.answered(req.method, 101, self.member.origin, "tunnel_cut" if stats.errored else None)
+            counters.answered(req.method, 101, self.member.name, "tunnel_cut" if stats.errored else None)
         call_after_head(self.hooks.on_end, describe(req), req, stats)
         environ = req.environ
         environ[ENV_BYTES_IN] = stats.bytes_from_client

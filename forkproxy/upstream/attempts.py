@@ -11,6 +11,11 @@ whatever happened: health hears how it went, and the in-flight count comes
 back down, at once for a failure, when its connection is released for a
 reply (a stream holds its member's count while it runs).
 
+The hooks that take part are handed in, never imported (the lifecycle owns
+them): ``Shape`` makes each attempt's own request (``before_attempt``),
+``Judge`` gives each reply head its verdict (``judge_reply``), and a
+``Deadline`` bounds the whole.
+
 The connections of each origin are made lazily in the process that uses
 them and forgotten in a forked child, so a gunicorn master never owns
 sockets its workers would share.
@@ -19,23 +24,57 @@ from __future__ import annotations
 
 import os
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import urllib3
 from urllib3.util.retry import Retry
 
-from forkproxy.errors import NoLiveUpstream, ProxyError
+from forkproxy.errors import NoLiveUpstream, ProxyError, UpstreamTimeout
 from forkproxy.http import headers as header_rules
 from forkproxy.http.wire import RequestHead
 from forkproxy.messages import UpstreamRequest
 from forkproxy.upstream.connections import CONNECTIONS, ONE_TRY, Connections, TLSConnections
 from forkproxy.upstream.failures import AttemptFailed, SentNothing
-from forkproxy.upstream.members import BaseURL, FixedRoute, PoolRoute
+from forkproxy.upstream.members import BaseURL, FixedRoute, PoolRoute, Upstream
 from forkproxy.upstream.reply import UpstreamReply
 from forkproxy.upstream.retry import RetryPolicy, may_retry, next_retry, pause
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
+
+Shape = Callable[[UpstreamRequest, Upstream], UpstreamRequest]
+"""``shape(ureq, member)``: the request one attempt sends to ``member``, made from ``ureq`` (``before_attempt``)."""
+
+ACCEPT, RETRY, FAIL_OVER = "accept", "retry", "fail_over"
+VERDICTS = (ACCEPT, RETRY, FAIL_OVER, None)
+Judge = Callable[[UpstreamReply, Upstream, int], "str | None"]
+"""``judge(reply, member, attempts)``: one of ``VERDICTS`` for a reply head (``judge_reply``); it may read the body."""
+
+
+class Deadline(NamedTuple):
+    """The longest a request may take from received to its reply accepted, across every attempt and wait."""
+
+    at: float  # time.monotonic() when it runs out
+    seconds: float  # as set, for the message
+
+    def cut(self, timeout: urllib3.Timeout) -> urllib3.Timeout:
+        """``timeout``, itself when the time left exceeds it, else cut to what is left (a new one)."""
+        left = self.at - time.monotonic()
+        if left >= timeout.connect_timeout and left >= timeout.read_timeout:
+            return timeout
+        left = max(left, 0.001)
+        return urllib3.Timeout(connect=min(timeout.connect_timeout, left), read=min(timeout.read_timeout, left))
+
+    def passed_after(self, seconds: float) -> bool:
+        """Whether waiting ``seconds`` more would end at or past it."""
+        return time.monotonic() + seconds >= self.at
+
+    def ran_out(self, outcome: AttemptFailed, attempts: int, member: Upstream) -> Attempted:
+        """An attempt cut short by it: 504, its message the deadline and the attempts made."""
+        error = UpstreamTimeout(f"no upstream reply within the deadline of {self.seconds:g}s "
+                                f"({attempts} attempt{'s' if attempts != 1 else ''})")
+        error.__cause__ = outcome.error.__cause__
+        return Attempted(None, error, attempts - 1, member)
 
 
 class Attempted(NamedTuple):
@@ -44,7 +83,7 @@ class Attempted(NamedTuple):
     reply: UpstreamReply | None  # the reply to relay (its connection owned by it); also the last when attempts ran out
     error: ProxyError | None  # set when no reply is used (then reply is None)
     retries: int  # retries made (a failover from a member that was sent nothing is none)
-    member: BaseURL | None  # the member that answered or was tried last; None when none was contacted
+    member: Upstream | None  # the member that answered or was tried last; None when none was contacted
 
 
 class Transport:
@@ -82,49 +121,63 @@ class Transport:
         return found
 
     def send(self, route: FixedRoute | PoolRoute, ureq: UpstreamRequest, policy: RetryPolicy,
-             timeout: urllib3.Timeout, upgrade: str | None = None) -> Attempted:
-        """Make the attempts ``ureq`` gets; the reply's body is still unread.
+             timeout: urllib3.Timeout, upgrade: str | None = None, shape: Shape | None = None,
+             judge: Judge | None = None, deadline: Deadline | None = None) -> Attempted:
+        """Make the attempts ``ureq`` gets; the reply's body is still unread (unless ``judge`` read it).
 
         A member that was sent nothing (failed connect or TLS handshake) is
         moved on from to one not tried yet, using no attempt and no wait.
         Every other outcome is retried as ``policy`` says, on the member the
         route chooses next. Never raises for an upstream failure: its error
         is returned. ``upgrade`` asks for a tunnel (the reply may be its 101).
+        ``shape``, when given, makes each attempt's own request from ``ureq``
+        (which then stays as it is); what it raises ends the request.
+        ``judge``, when given, gives each reply head its verdict (``judge_reply``):
+        ``"accept"`` takes it, ``"retry"`` sends again to its member, ``"fail_over"``
+        moves on to the next one at once, None leaves it to the policy.
+        ``deadline`` bounds the whole: each attempt's timeouts are cut to
+        what is left, and no wait runs past it.
 
         A reply whose status is not one to retry returns at once, before the
         retry rules are consulted: most requests end so, and this keeps their
         cost at what a single urlopen cost before the loop was forkproxy's.
         """
-        headers = wire_headers(ureq)
+        headers = wire_headers(ureq) if shape is None else None
         try:
             member = route.next()
         except NoLiveUpstream as error:
             return Attempted(None, error, 0, None)
         retry: Retry | None = None  # urllib3's count of the retries made, from the first on
         while True:
-            outcome = self._attempt(route, member, ureq, headers, timeout, upgrade)
-            if isinstance(outcome, UpstreamReply) and not policy.retriable(outcome.status):  # most requests
+            limit = timeout if deadline is None else deadline.cut(timeout)
+            outcome, verdict = self._attempt(route, member, ureq, headers, limit, upgrade, shape, judge, retry)
+            if verdict is None and isinstance(outcome, UpstreamReply) and not policy.retriable(outcome.status):
+                return _attempted(outcome, retry, member)  # most requests
+            if verdict == ACCEPT:
                 return _attempted(outcome, retry, member)
-            failover = isinstance(outcome, SentNothing) and route.can_fail_over()
-            if not failover:
-                counted = _next_retry(policy, retry, ureq.method, outcome)
-                if counted is None:
-                    return _attempted(outcome, retry, member)
-                retry = counted
+            if limit is not timeout and isinstance(outcome, AttemptFailed) and isinstance(outcome.error,
+                                                                                          UpstreamTimeout):
+                return deadline.ran_out(outcome, _attempts(retry), member)
+            move = _move(policy, route, retry, ureq.method, outcome, verdict)
+            if move is None or (deadline is not None and deadline.passed_after(move.wait)):
+                return _attempted(outcome, retry, member)  # the last outcome stands
+            retry = move.retry
             try:
-                member = route.next()
+                member = route.repeat() if verdict == RETRY else route.next()
             except NoLiveUpstream:  # every member is down now: the last outcome stands
                 return _attempted(outcome, retry, member)
-            if not failover:
-                _wait(route, policy, retry, outcome)
+            _wait(route, outcome, move.wait)
 
-    def _attempt(self, route: FixedRoute | PoolRoute, member: BaseURL, ureq: UpstreamRequest,
-                 headers: urllib3.HTTPHeaderDict, timeout: urllib3.Timeout,
-                 upgrade: str | None) -> UpstreamReply | AttemptFailed:
-        """One attempt on ``member``: one try on its connections, ended whatever it raised."""
+    def _attempt(self, route: FixedRoute | PoolRoute, member: Upstream, ureq: UpstreamRequest,
+                 headers: urllib3.HTTPHeaderDict | None, timeout: urllib3.Timeout, upgrade: str | None,
+                 shape: Shape | None, judge: Judge | None,
+                 retry: Retry | None) -> tuple[UpstreamReply | AttemptFailed, str | None]:
+        """One attempt on ``member``: one try on its connections, ended whatever it raised; its verdict, if judged."""
+        if shape is not None:
+            ureq, headers = _shaped(route, shape, ureq, member)
         try:
-            connections = self.connections(member)
-            target = member.join(ureq.path)
+            connections = self.connections(member.base)
+            target = member.base.join(ureq.path)
             reply = connections.urlopen(
                 ureq.method,
                 target,
@@ -138,12 +191,14 @@ class Transport:
             )
         except AttemptFailed as failure:
             _end(route, None, failure.reason)
-            return failure
+            return failure, None
         except BaseException as exc:  # not the upstream's doing (a bug, the worker stopping): ended all the same
             _end(route, None, f"cut short ({type(exc).__name__}: {exc})")
             raise
-        _end(route, reply, "")
-        return reply
+        reply.on_release = route.done  # in flight until its connection is released (read, drained or abandoned)
+        verdict = None if judge is None else _judged(route, judge, reply, member, _attempts(retry))
+        _end(route, reply, "", verdict)
+        return reply, verdict
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
@@ -158,21 +213,79 @@ def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
     return headers
 
 
-def _end(route: FixedRoute | PoolRoute, reply: UpstreamReply | None, reason: str) -> None:
+def _shaped(route: FixedRoute | PoolRoute, shape: Shape, ureq: UpstreamRequest,
+            member: Upstream) -> tuple[UpstreamRequest, urllib3.HTTPHeaderDict]:
+    """The attempt's own request; when making it raised, the member is given back unjudged (nothing was sent)."""
+    try:
+        shaped = shape(ureq, member)
+        return shaped, wire_headers(shaped)
+    except BaseException:
+        route.abandoned()
+        raise
+
+
+def _end(route: FixedRoute | PoolRoute, reply: UpstreamReply | None, reason: str,
+         verdict: str | None = None) -> None:
     """The one end of every attempt: health hears how it went, the trial settles, the in-flight count comes down.
 
     A reply's attempt is over when its connection is released (read,
-    drained or abandoned), so a relayed body counts in flight while it runs;
-    any other attempt is over now, whatever raised in between.
+    drained or abandoned: ``on_release``), so a relayed body counts in
+    flight while it runs; any other attempt is over now, whatever raised in
+    between. A reply that ``judge_reply`` sent on (``"retry"``,
+    ``"fail_over"``) judged the request, not the member: it answered.
     """
     if reply is not None:
-        reply.on_release = route.done
-        route.answered(reply.status)  # a failure to health only if in fail_on_status
+        if verdict == RETRY or verdict == FAIL_OVER:
+            route.judged()
+        else:
+            route.answered(reply.status)  # a failure to health only if in fail_on_status
         return
     try:
         route.failed(reason)
     finally:
         route.done()
+
+
+def _judged(route: FixedRoute | PoolRoute, judge: Judge, reply: UpstreamReply, member: Upstream,
+            attempts: int) -> str | None:
+    """The reply's verdict; when judging raised, the reply is abandoned and health hears its status as usual."""
+    try:
+        return judge(reply, member, attempts)
+    except BaseException:
+        reply.close()
+        route.answered(reply.status)
+        raise
+
+
+class Move(NamedTuple):
+    """The next attempt: the count of retries with it, and the seconds to wait before it."""
+
+    retry: Retry | None
+    wait: float
+
+
+def _move(policy: RetryPolicy, route: FixedRoute | PoolRoute, retry: Retry | None, method: str,
+          outcome: UpstreamReply | AttemptFailed, verdict: str | None) -> Move | None:
+    """What follows an outcome that was not accepted; None when nothing does (its outcome stands).
+
+    A member that was sent nothing is moved on from, to one not tried yet,
+    using no attempt. A verdict of ``judge_reply`` uses an attempt whatever
+    the status and method (the hook judged the reply); ``"fail_over"`` goes
+    at once, and only to another member. Else the policy decides.
+    """
+    if verdict is None and isinstance(outcome, SentNothing) and route.can_fail_over():
+        return Move(retry, 0.0)
+    if verdict == FAIL_OVER and not route.can_move_on():
+        return None
+    if verdict is not None:
+        counted = next_retry(policy, retry, method, response=outcome)
+    else:
+        counted = _next_retry(policy, retry, method, outcome)
+    if counted is None:
+        return None
+    if verdict == FAIL_OVER:
+        return Move(counted, 0.0)
+    return Move(counted, pause(policy, counted, outcome if isinstance(outcome, UpstreamReply) else None))
 
 
 def _next_retry(policy: RetryPolicy, retry: Retry | None, method: str,
@@ -187,17 +300,14 @@ def _next_retry(policy: RetryPolicy, retry: Retry | None, method: str,
     return next_retry(policy, retry, method, response=outcome)
 
 
-def _wait(route: FixedRoute | PoolRoute, policy: RetryPolicy, retry: Retry,
-          outcome: UpstreamReply | AttemptFailed) -> None:
-    """Before the retry, its member chosen: the reply not relayed is drained, then the policy's wait is slept.
+def _wait(route: FixedRoute | PoolRoute, outcome: UpstreamReply | AttemptFailed, seconds: float) -> None:
+    """Before the next attempt, its member chosen: the reply not relayed is drained, then ``seconds`` are slept.
 
     Should the wait be cut short (the worker stopping), the chosen member's attempt ends all the same.
     """
-    reply = outcome if isinstance(outcome, UpstreamReply) else None
     try:
-        if reply is not None:
-            reply.drain_conn()
-        seconds = pause(policy, retry, reply)
+        if isinstance(outcome, UpstreamReply):
+            outcome.drain_conn()
         if seconds > 0:
             time.sleep(seconds)
     except BaseException as exc:
@@ -205,8 +315,13 @@ def _wait(route: FixedRoute | PoolRoute, policy: RetryPolicy, retry: Retry,
         raise
 
 
-def _attempted(outcome: UpstreamReply | AttemptFailed, retry: Retry | None, member: BaseURL) -> Attempted:
-    retries = len(retry.history) if retry is not None else 0
+def _attempts(retry: Retry | None) -> int:
+    """Attempts made so far, the one under way included."""
+    return len(retry.history) + 1 if retry is not None else 1
+
+
+def _attempted(outcome: UpstreamReply | AttemptFailed, retry: Retry | None, member: Upstream) -> Attempted:
+    retries = _attempts(retry) - 1
     if isinstance(outcome, AttemptFailed):
         return Attempted(None, outcome.error, retries, member)
     return Attempted(outcome, None, retries, member)

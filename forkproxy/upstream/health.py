@@ -70,6 +70,11 @@ class Health:
         self.trial_out = False
         return down_for
 
+    def released(self, trial: bool) -> None:
+        """A request given to the member ended before anything was sent: a trial goes to the next request."""
+        if trial:
+            self.trial_out = False
+
     def _mark_down(self, now: float, rules: Rules) -> float:
         self.ejections += 1
         self.fails = 0

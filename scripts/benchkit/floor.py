@@ -90,7 +90,7 @@ def wsgi_call(app):
 
 
 def peer_calls(port: int) -> dict:
-    from forkproxy import Proxy, UpstreamPool
+    from forkproxy import Proxy, Upstream, UpstreamPool
 
     url = f"http://127.0.0.1:{port}"
     os.environ["BENCH_UPSTREAM"] = url
@@ -99,7 +99,8 @@ def peer_calls(port: int) -> dict:
     store = f"local:{tempfile.gettempdir() if not os.access('/dev/shm', os.W_OK) else '/dev/shm'}/forkproxy-floor.lmdb"
     os.environ["BENCH_LIMITS_STORE"] = store
     limited = apps._limited()
-    return {"forkproxy call": wsgi_call(Proxy(url)), "forkproxy pool call": wsgi_call(Proxy(UpstreamPool([url] * 3))),
+    pool = UpstreamPool([Upstream(url, name=f"member-{i}") for i in range(3)])  # one origin: names tell them apart
+    return {"forkproxy call": wsgi_call(Proxy(url)), "forkproxy pool call": wsgi_call(Proxy(pool)),
             "forkproxy call, one local limit": wsgi_call(limited),
             "naive call": wsgi_call(apps.naive), "werkzeug call": wsgi_call(apps.werkzeug)}
 

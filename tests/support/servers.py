@@ -325,3 +325,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def servers(n: int) -> Iterator[list[Upstream]]:
+    """``n`` well-behaved upstream servers, closed afterwards."""
+    started = [Upstream() for _ in range(n)]
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.close()
