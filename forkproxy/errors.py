@@ -15,6 +15,7 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "proxy_error"
     headers: "Sequence[tuple[str, str]]" = ()  # sent with the reply (a 429's Retry-After)
+    detail: str = ""  # for the log line only, never the client's (see HookError)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -59,7 +60,18 @@ class UpgradeNotSupported(ProxyError):
 
 
 class HookError(ProxyError):
+    """A hook raised, or gave forkproxy what it cannot use; the client's message names no value the hook had.
+
+    What it raised is the ``__cause__``, and ``detail`` what forkproxy
+    refused: both for the log line only, as either may hold an address, an
+    OS error or a secret.
+    """
+
     status, type = 500, "hook_error"
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class InternalError(ProxyError):

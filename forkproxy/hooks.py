@@ -126,14 +126,16 @@ def _cell(text: str) -> str:
 def call(hook: Callable, *args: Any) -> Any:
     """Run a hook that runs before the reply head; what it raises becomes a 500 ``hook_error``.
 
-    A ``ProxyError`` passes unchanged: the hook answers with it.
+    The client is told the hook's name and the exception's type; its text
+    and traceback go to the log line. A ``ProxyError`` passes unchanged:
+    the hook answers with it.
     """
     try:
         return hook(*args)
     except ProxyError:
         raise
-    except Exception as exc:
-        raise HookError(f"hook {name_of(hook)!r} raised {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # its text may hold an address, an OS error or a secret: the log's, not the client's
+        raise HookError(f"hook {name_of(hook)!r} raised {type(exc).__name__}; the proxy's log has the details") from exc
 
 
 def call_after_head(hook: Callable, where: str, *args: Any) -> Exception | None:

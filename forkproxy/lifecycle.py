@@ -44,6 +44,7 @@ from forkproxy.server.worker import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, 
 from forkproxy.upstream.attempts import VERDICTS, Attempted, Deadline, Judge, Shape
 from forkproxy.upstream.members import FixedRoute, PoolRoute, Upstream, UpstreamPool, fixed_route
 from forkproxy.upstream.reply import UpstreamReply
+from forkproxy.upstream.retry import RetryPolicy
 
 log = logging.getLogger("forkproxy")
 
@@ -200,7 +201,7 @@ def limit(proxy: Gateway, trip: Trip) -> None:
     if not limits:
         return
     if not isinstance(limits, (list, tuple)) or not all(isinstance(one, Limit) for one in limits):
-        raise HookError(f"rate_limits must return a list of Limit, not {limits!r:.100}")
+        raise HookError(f"rate_limits must return a list of Limit, not {_kind(limits)}")  # never a key
     trip.req.rate_limit_headers = proxy.limiter.take(limits)  # raises RateLimited, LimitsUnavailable
 
 
@@ -209,6 +210,8 @@ def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
     req = trip.req
     route = _route(proxy, req)
     policy = call(proxy.retry_policy, req)
+    if not isinstance(policy, RetryPolicy):  # before any attempt: the loop would first touch it with a reply held
+        raise HookError(f"retry_policy must return a RetryPolicy, not {type(policy).__name__}")
     trip.stream_wanted = call(proxy.stream_request, req)
     trip.started = time.monotonic()
     shape = _before_attempt(proxy, req) if proxy.overridden("before_attempt") else None
@@ -256,7 +259,7 @@ def buffer(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> None:
     """The buffered path: the body read whole, up to ``max_response_body_bytes``, into ``res`` and ``ures``."""
     ures, res = trip.ures, trip.res
     if not trip.body_read:  # else judge_reply was shown it: it is in ures.body already
-        ures.body = read_body(reply, proxy.max_response_body_bytes, trip.member.base)
+        ures.body = read_body(reply, proxy.max_response_body_bytes)
     res.status, res.body = reply.status, ures.body
     # Only an after_forward hook could make the two differ; without one, no copy.
     res.headers = reply.headers.copy() if proxy.overridden("after_forward") else reply.headers
@@ -265,10 +268,10 @@ def buffer(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> None:
 def fail(trip: Trip, err: ProxyError) -> None:
     """The one error exit: the error is logged, seen by ``after_forward`` in ``ures.error``, and becomes ``res``."""
     where = describe(trip.req)  # set by receive before anything can fail
-    if isinstance(err, HookError) and err.__cause__ is not None:
-        log.error("%s: %s", where, err.message, exc_info=err.__cause__)
-    else:  # the client's message names no address or OS error: the log line has them
-        log.warning("%s -> %d %s: %s%s", where, err.status, err.type, err.message, _detail(err, trip.ures))
+    raised = err.__cause__ if isinstance(err, HookError) else None  # a hook raised: its traceback too
+    # The client's message names no address, OS error or hook's text: the log line has them.
+    log.log(logging.ERROR if raised else logging.WARNING, "%s -> %d %s: %s%s", where, err.status, err.type,
+            err.message, _detail(err, trip.ures), exc_info=raised)
     trip.ures.error = err
     trip.close_after = trip.close_after or isinstance(err, (PayloadTooLarge, BadRequest))
     error = Response.from_error(err)
@@ -355,10 +358,11 @@ def _judge_reply(proxy: Gateway, trip: Trip) -> Judge:
         trip.body_read = reply.status >= 400
         ures.status, ures.headers, ures.attempts = reply.status, reply.headers, attempts
         ures.upstream, ures.upstream_name = member.base.origin, member.name
-        ures.body = read_body(reply, proxy.max_response_body_bytes, member.base) if trip.body_read else b""
+        ures.body = read_body(reply, proxy.max_response_body_bytes) if trip.body_read else b""
         verdict = call(hook, req, ures)
         if verdict not in VERDICTS:
-            raise HookError(f"judge_reply must return 'accept', 'retry', 'fail_over' or None, not {verdict!r:.100}")
+            raise HookError(f"judge_reply must return 'accept', 'retry', 'fail_over' or None, not {_kind(verdict)}",
+                            f"it returned {verdict!r:.100}")
         return verdict
     return judge
 
@@ -369,18 +373,20 @@ def _deadline(trip: Trip) -> Deadline | None:
     if not seconds:
         return None
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
-        raise HookError(f"req.deadline must be a number of seconds (0 for none): {seconds!r:.100}")
+        raise HookError(f"req.deadline must be a number of seconds (0 for none), not {_kind(seconds)}",
+                        f"it is {seconds!r:.100}")
     return Deadline(trip.received + seconds, float(seconds))
 
 
 def _check_upstream_request(ureq: UpstreamRequest) -> None:
     """What a hook may have set must not let one request smuggle another (or break the framing)."""
     if not isinstance(ureq.method, str) or not header_rules.TOKEN_RE.fullmatch(ureq.method):
-        raise HookError(f"upstream method is not an HTTP token: {ureq.method!r}")
+        raise HookError("upstream method is not an HTTP token", f"it is {ureq.method!r:.100}")
     if not isinstance(ureq.path, str) or not ureq.path.startswith("/"):
-        raise HookError(f"upstream path must start with '/': {ureq.path!r}")
+        raise HookError("upstream path must start with '/'", f"it is {ureq.path!r:.100}")
     if header_rules.unfit_for_target(ureq.path):
-        raise HookError(f"upstream path holds a space, a control or a non-latin-1 character: {ureq.path!r}")
+        raise HookError("upstream path holds a space, a control or a non-latin-1 character",
+                        f"it is {ureq.path!r:.100}")
     bad = header_rules.first_forbidden(header_rules.lines(ureq.headers))
     if bad is not None:
         raise HookError(f"upstream request header {bad!r}: {header_rules.FORBIDDEN_WHY}")
@@ -394,7 +400,7 @@ def _route(proxy: Gateway, req: Request) -> FixedRoute | PoolRoute:
     try:
         return fixed_route(picked)
     except (ValueError, TypeError) as exc:
-        raise HookError(f"pick_upstream gave an unusable upstream: {exc}") from None
+        raise HookError("pick_upstream gave an unusable upstream", str(exc)) from None  # the URL may hold credentials
 
 
 def _attempted(trip: Trip, attempted: Attempted) -> None:
@@ -438,12 +444,25 @@ def _client_fields(req: Request, res: Response, *, checked: bool) -> list[tuple[
 
 
 def _detail(err: ProxyError, ures: UpstreamResponse) -> str:
-    """For the log: the member tried last and what the failure raised underneath, when there is one."""
+    """For the log: what the client's message leaves out.
+
+    What the failure raised underneath, after the member tried last unless
+    a hook raised it; else what forkproxy refused of a hook's (``HookError.detail``).
+    """
     cause = err.__cause__
     if cause is None:
-        return ""
-    where = f"{ures.upstream}: " if ures.upstream else ""
+        return f" ({err.detail})" if err.detail else ""
+    where = f"{ures.upstream}: " if ures.upstream and not isinstance(err, HookError) else ""
     return f" ({where}{type(cause).__name__}: {cause})"
+
+
+def _kind(value: Any) -> str:
+    """What a hook gave, named by its type only: its value may hold a key or an address, not for the client."""
+    if isinstance(value, (list, tuple)):
+        odd = next((one for one in value if not isinstance(one, Limit)), None)
+        if odd is not None:
+            return f"a {type(value).__name__} holding a {type(odd).__name__}"
+    return "None" if value is None else f"a {type(value).__name__}"
 
 
 def _internal_error(trip: Trip) -> ClientReply:

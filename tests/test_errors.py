@@ -170,6 +170,34 @@ def test_hook_that_raises_is_500_and_the_worker_keeps_serving(gateway):
     assert len(pids) == 1 and len(gateway.worker_pids()) == 1
 
 
+def test_a_hook_that_raises_tells_the_client_its_name_and_type_and_only_the_log_its_text(gateway, upstream):
+    path = unique("/hook-raise-os")
+    reply = request(gateway.url, "GET", path)
+    assert_error(reply, 500, "hook_error")
+    assert reply.json()["error"]["message"] == ("hook 'before_forward' raised ConnectionRefusedError; "
+                                                "the proxy's log has the details")
+    gateway.wait_for_log(rf"GET {path} -> 500 hook_error: .*\(ConnectionRefusedError: \[Errno 111\] "
+                         r"Connection refused by 10\.1\.2\.3:8080\)\nTraceback")
+    assert upstream.seen(path) == []
+
+
+def test_a_pick_upstream_url_that_cannot_be_used_is_500_hook_error_that_never_echoes_it(gateway):
+    url = "http://user:s3cret@10.1.2.3:8080/v1?x=1"
+    reply = request(gateway.url, "GET", "/unusable", headers=via(url))
+    assert_error(reply, 500, "hook_error")
+    assert reply.json()["error"]["message"] == "pick_upstream gave an unusable upstream"
+    gateway.wait_for_log(r"GET /unusable -> 500 hook_error: pick_upstream gave an unusable upstream \(.*credentials")
+
+
+def test_a_retry_policy_hook_returning_no_retry_policy_is_500_hook_error_naming_it_and_nothing_is_sent(
+        gateway, upstream):
+    path = unique("/no-policy")
+    reply = request(gateway.url, "GET", path, headers={"X-Test-Policy": "none"})
+    assert_error(reply, 500, "hook_error")
+    assert "retry_policy" in reply.json()["error"]["message"]
+    assert upstream.seen(path) == []
+
+
 def test_a_proxy_error_raised_by_a_hook_is_the_answer(gateway, upstream):
     path = unique("/hook-proxy-error")
     reply = request(gateway.url, "GET", path)
@@ -224,7 +252,8 @@ def test_hook_set_body_that_is_neither_bytes_nor_str_is_500_and_never_sent(gatew
     path = unique("/hook-body-not-bytes")
     reply = request(gateway.url, "POST", path, body=b"x")
     assert_error(reply, 500, "hook_error")
-    assert "bytes or str" in reply.json()["error"]["message"]
+    assert "raised TypeError" in reply.json()["error"]["message"]
+    gateway.wait_for_log(r"TypeError: a body must be bytes or str")  # the log says what was wrong with it
     assert upstream.seen(path) == []
 
 

@@ -1,6 +1,7 @@
 """Upstream faults beyond the basic error table: each gives the contract's answer,
 a log line with the reason, and a worker that keeps serving others meanwhile."""
 import gzip
+import re
 import socket
 import threading
 import time
@@ -34,7 +35,8 @@ def test_reset_mid_body_is_502_and_logged(gateway, framing):
     try:
         reply = request(gateway.url, "GET", f"/midbody/{marker}", headers=via(server))
         assert reply.status == 502 and reply.error_type() == "bad_upstream_response"
-        gateway.wait_for_log(rf"GET /midbody/{marker} -> 502 bad_upstream_response: upstream .* broke off the body")
+        gateway.wait_for_log(rf"GET /midbody/{marker} -> 502 bad_upstream_response: the upstream broke off the body "
+                             rf"\(http://127\.0\.0\.1:\d+: ")
     finally:
         server.close()
 
@@ -131,7 +133,14 @@ def failing_before_the_head(kind):
             "silent": lambda conn: (read_request_head(conn), hold.wait(10)),
             "malformed": lambda conn: (read_request_head(conn),
                                        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Secret 10.1.2.3\r\n\r\n"))}
-    server = RawServer(ends[kind])
+    with _serving(ends[kind], hold) as url:
+        yield url
+
+
+@contextmanager
+def _serving(handle, hold):
+    """A raw upstream answering with ``handle``; ``hold`` is set before it closes, to free a held connection."""
+    server = RawServer(handle)
     try:
         yield server.url
     finally:
@@ -153,3 +162,37 @@ def test_a_failure_before_the_head_tells_the_client_its_kind_and_the_log_the_mem
         assert (reply.status, reply.error_type()) == (status, error_type)
         assert reply.json()["error"]["message"] == told  # no address, no OS error, none of the upstream's bytes
         gateway.wait_for_log(rf"GET {path} -> {status} {error_type}: {told} \(http://127\.0\.0\.1:\d+: \w+")
+
+
+@contextmanager
+def failing_in_the_body(kind):
+    """The URL of an upstream that sends a response head, then fails in the body as ``kind`` says."""
+    hold = threading.Event()
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc"
+
+    def reset(conn):
+        read_request_head(conn)
+        conn.sendall(head)
+        time.sleep(0.1)
+        linger_reset(conn)
+    ends = {"short": lambda conn: (read_request_head(conn), conn.sendall(head)),
+            "silent": lambda conn: (read_request_head(conn), conn.sendall(head), hold.wait(10)),
+            "reset": reset}
+    with _serving(ends[kind], hold) as url:
+        yield url
+
+
+@pytest.mark.parametrize("kind, status, error_type, told, cause", [
+    ("short", 502, "bad_upstream_response", "the upstream's body ended short of its length", r"IncompleteRead"),
+    ("silent", 504, "upstream_timeout", "the upstream went silent while sending the body", r"\w+"),  # 3 s: timeout
+    ("reset", 502, "bad_upstream_response", "the upstream broke off the body", r"ConnectionResetError: \[Errno"),
+])
+def test_a_failure_in_the_body_tells_the_client_its_kind_and_the_log_the_member_and_the_os_error(
+        gateway, kind, status, error_type, told, cause):
+    path = f"/in-body/{uuid.uuid4().hex}"
+    with failing_in_the_body(kind) as url:
+        reply = request(gateway.url, "GET", path, headers={"X-Test-Upstream": url})
+        assert (reply.status, reply.error_type()) == (status, error_type)
+        assert reply.json()["error"]["message"] == told  # no address, no OS error
+        gateway.wait_for_log(rf"GET {path} -> {status} {error_type}: {re.escape(told)} "
+                             rf"\(http://127\.0\.0\.1:\d+: {cause}")

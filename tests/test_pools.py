@@ -348,3 +348,21 @@ def test_a_trial_whose_resend_is_closed_unanswered_marks_the_member_down_again_a
             g.wait_for_log(rf"upstream {name(a.url)} live again after")
         finally:
             a.close()
+
+
+def test_least_busy_counts_a_retried_reply_off_its_own_member_not_the_one_retried_on():
+    a = Scripted([503])  # drained, and its connection released, once b was already chosen for the retry
+    with servers(1) as (b,), gateway(a.url, b.url, balance="least_busy", max_fails=10) as g:
+        try:
+            retried = request(g.url, "GET", "/x", headers={"X-Test-Retry": "2"})
+            assert (retried.status, retried.header("X-Seen-Upstream")) == (200, b.url) and a.got == 1
+            assert answered_by(g, 4) == {a.url: 2, b.url: 2}  # nothing in flight on either: turns again
+        finally:
+            a.close()
+
+
+def test_a_retry_policy_whose_own_code_raises_leaves_no_reply_held_nor_its_member_counted_in_flight():
+    with servers(2) as (a, b), gateway(a.url, b.url, balance="least_busy") as g:
+        assert request(g.url, "GET", "/x", headers={"X-Test-Policy": "raises"}).status == 500
+        assert answered_by(g, 4) == {a.url: 2, b.url: 2}  # nothing in flight on either: turns again
+        g.wait_for_log(r"RuntimeError: a bug in the policy")

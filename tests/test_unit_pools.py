@@ -202,3 +202,13 @@ def test_every_failure_before_a_head_tells_the_client_its_kind_and_keeps_the_det
     assert str(told.__cause__) not in told.message and "Errno" not in told.message and "10.1.2.3" not in told.message
     assert str(told.__cause__) in failure.reason
     assert failure.sent == (not isinstance(failure, SentNothing))
+
+
+def test_a_reply_released_after_the_next_member_was_chosen_comes_off_its_own_members_count():
+    pool = pool_of("http://a", "http://b")
+    route = pool.route()
+    route.next()
+    first, release = route.current, route.done_later()
+    route.next()  # a retry's member, chosen before the first reply is drained
+    release()
+    assert pool.in_flight[first] == 0 and pool.in_flight[route.current] == 1

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 from forkproxy.errors import ProxyError, UpstreamBodyTooLarge
 from forkproxy.upstream.failures import body_error
-from forkproxy.upstream.members import BaseURL
 from forkproxy.upstream.reply import UpstreamReply
 
 
-def read_body(reply: UpstreamReply, cap: int, upstream: BaseURL) -> bytes:
+def read_body(reply: UpstreamReply, cap: int) -> bytes:
     """The body as sent (still encoded), or a ProxyError.
 
     The cap is checked against a declared length before reading and against
     the bytes read so far while reading, so an oversize body is never held.
     The connection goes back to the pool only after a complete, clean read.
+    A failed read is raised from what failed underneath: the log names it
+    and the member, the client's message neither.
     """
     try:
         return _read_capped(reply, cap)
@@ -21,7 +22,7 @@ def read_body(reply: UpstreamReply, cap: int, upstream: BaseURL) -> bytes:
         raise
     except Exception as exc:
         reply.close()
-        raise body_error(exc, upstream) from exc
+        raise body_error(exc) from exc
     finally:
         reply.release()
 

@@ -262,7 +262,8 @@ class StreamRelay:
             except EventTooLarge as exc:
                 raise _Ended(StreamEnd("upstream_failed", str(exc))) from exc
             except (urllib3.exceptions.HTTPError, HTTPException, OSError, ValueError) as exc:
-                raise _Ended(StreamEnd("upstream_failed", body_error(exc, member).message)) from exc
+                detail = f"{body_error(exc).message} ({member.origin}: {type(exc).__name__}: {exc})"
+                raise _Ended(StreamEnd("upstream_failed", detail)) from exc
         return checked
 
     def _body_pieces(self) -> Units:

@@ -151,22 +151,29 @@ class Transport:
         while True:
             limit = timeout if deadline is None else deadline.cut(timeout)
             outcome, verdict = self._attempt(route, member, ureq, headers, limit, upgrade, shape, judge, retry)
-            if verdict is None and isinstance(outcome, UpstreamReply) and not policy.retriable(outcome.status):
-                return _attempted(outcome, retry, member)  # most requests
-            if verdict == ACCEPT:
-                return _attempted(outcome, retry, member)
-            if limit is not timeout and isinstance(outcome, AttemptFailed) and isinstance(outcome.error,
-                                                                                          UpstreamTimeout):
-                return deadline.ran_out(outcome, _attempts(retry), member)
-            move = _move(policy, route, retry, ureq.method, outcome, verdict)
-            if move is None or (deadline is not None and deadline.passed_after(move.wait)):
-                return _attempted(outcome, retry, member)  # the last outcome stands
-            retry = move.retry
+            # The policy is the hook's object, its methods perhaps the hook's code: what they raise leaves
+            # no reply held (its connection closed, its member's in-flight count down).
             try:
-                member = route.repeat() if verdict == RETRY else route.next()
-            except NoLiveUpstream:  # every member is down now: the last outcome stands
-                return _attempted(outcome, retry, member)
-            _wait(route, outcome, move.wait)
+                if verdict is None and isinstance(outcome, UpstreamReply) and not policy.retriable(outcome.status):
+                    return _attempted(outcome, retry, member)  # most requests
+                if verdict == ACCEPT:
+                    return _attempted(outcome, retry, member)
+                if limit is not timeout and isinstance(outcome, AttemptFailed) and isinstance(outcome.error,
+                                                                                              UpstreamTimeout):
+                    return deadline.ran_out(outcome, _attempts(retry), member)
+                move = _move(policy, route, retry, ureq.method, outcome, verdict)
+                if move is None or (deadline is not None and deadline.passed_after(move.wait)):
+                    return _attempted(outcome, retry, member)  # the last outcome stands
+                retry = move.retry
+                try:
+                    member = route.repeat() if verdict == RETRY else route.next()
+                except NoLiveUpstream:  # every member is down now: the last outcome stands
+                    return _attempted(outcome, retry, member)
+                _wait(route, outcome, move.wait)
+            except BaseException:
+                if isinstance(outcome, UpstreamReply):
+                    outcome.close()
+                raise
 
     def _attempt(self, route: FixedRoute | PoolRoute, member: Upstream, ureq: UpstreamRequest,
                  headers: urllib3.HTTPHeaderDict | None, timeout: urllib3.Timeout, upgrade: str | None,
@@ -195,7 +202,7 @@ class Transport:
         except BaseException as exc:  # not the upstream's doing (a bug, the worker stopping): ended all the same
             _end(route, None, f"cut short ({type(exc).__name__}: {exc})")
             raise
-        reply.on_release = route.done  # in flight until its connection is released (read, drained or abandoned)
+        reply.on_release = route.done_later()  # in flight until its connection is released (read, drained, abandoned)
         verdict = None if judge is None else _judged(route, judge, reply, member, _attempts(retry))
         _end(route, reply, "", verdict)
         return reply, verdict

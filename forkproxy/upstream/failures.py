@@ -17,7 +17,6 @@ from ssl import SSLCertVerificationError
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from forkproxy.errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
-from forkproxy.upstream.members import BaseURL
 
 
 class AttemptFailed(Exception):
@@ -94,11 +93,14 @@ class BadHead(AttemptFailed):
         super().__init__(BadUpstreamResponse("the upstream sent a malformed response head"), cause)
 
 
-def body_error(exc: BaseException, upstream: BaseURL) -> ProxyError:
-    """Map a failure while reading a response body (plain socket reads) to the contract's error."""
-    where = upstream.origin
+def body_error(exc: BaseException) -> ProxyError:
+    """The contract's error for a failure while reading a response body (plain socket reads).
+
+    Its message says what happened, never where or the OS error: the caller
+    raises it from ``exc``, and the log line names the member and ``exc``.
+    """
     if isinstance(exc, TimeoutError):
-        return UpstreamTimeout(f"upstream {where} went silent while sending the body")
+        return UpstreamTimeout("the upstream went silent while sending the body")
     if isinstance(exc, IncompleteRead):
-        return BadUpstreamResponse(f"upstream {where} body ended short of its length")
-    return BadUpstreamResponse(f"upstream {where} broke off the body: {str(exc) or type(exc).__name__}")
+        return BadUpstreamResponse("the upstream's body ended short of its length")
+    return BadUpstreamResponse("the upstream broke off the body")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Collection, Iterable, NamedTuple
+from typing import Callable, Collection, Iterable, NamedTuple
 
 from urllib3.util import parse_url
 
@@ -156,6 +156,10 @@ class UpstreamPool:
         self.in_flight[i] += 1
         return self.health[i].chosen(now)
 
+    def done(self, i: int) -> None:
+        """An attempt of member ``i`` is over: no longer counted in flight."""
+        self.in_flight[i] -= 1
+
     def untried_available(self, tried: Collection[int], now: float) -> bool:
         """Whether a member not in ``tried`` may take a request now."""
         primaries, backups = self.available(now)
@@ -247,6 +251,9 @@ class FixedRoute:
     def done(self) -> None:
         pass
 
+    def done_later(self) -> Callable[[], None] | None:
+        return None  # nothing is counted in flight
+
 
 class PoolRoute:
     """One request's way through a pool: the members tried so far, in order, and the one in use."""
@@ -308,7 +315,15 @@ class PoolRoute:
 
     def done(self) -> None:
         """The attempt's exchange is over (failed, or its reply read or abandoned)."""
-        self.pool.in_flight[self.current] -= 1
+        self.pool.done(self.current)
+
+    def done_later(self) -> Callable[[], None] | None:
+        """``done`` for the attempt under way, bound to its member: for its reply's release.
+
+        A reply not relayed is drained only after the next member was chosen
+        (``current`` has moved on), and must still come off its own member's count.
+        """
+        return functools.partial(self.pool.done, self.current)
 
 
 def _names_unique(members: list[Upstream]) -> None:

@@ -2,7 +2,7 @@
 
 X-Test-Upstream picks another upstream (the misbehaving raw servers),
 X-Test-Retry / X-Test-Backoff / X-Test-Max-Backoff / X-Test-Retry-Methods
-build the retry policy, and the path picks what before_forward does.
+build the retry policy (X-Test-Policy: none, the hook returns None), and the path picks what before_forward does.
 """
 import os
 
@@ -30,6 +30,8 @@ class TestGateway(Proxy):
 
     def retry_policy(self, req):
         h = req.headers
+        if h.get("X-Test-Policy") == "none":
+            return None
         methods = h.get("X-Test-Retry-Methods")
         return RetryPolicy(
             max_attempts=int(h.get("X-Test-Retry", 1)),
@@ -45,6 +47,8 @@ class TestGateway(Proxy):
             res.headers["X-Short"] = "yes"
             res.body = "short-circuited"
             return True
+        if path.startswith("/hook-raise-os"):  # a hook calling an internal service that is down
+            raise ConnectionRefusedError(111, "Connection refused by 10.1.2.3:8080")
         if path.startswith("/hook-raise"):
             raise RuntimeError("boom from before_forward")
         if path.startswith("/hook-proxy-error"):  # a hook answering with one of the proxy's errors

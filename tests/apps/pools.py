@@ -3,7 +3,8 @@
 TEST_MEMBERS is a comma-separated list of members, each ``url[*weight][+backup]``;
 TEST_BALANCE, TEST_MAX_FAILS, TEST_FAIL_TIMEOUT, TEST_MAX_FAIL_TIMEOUT set the pool;
 TEST_TIMEOUT the response head's timeout, TEST_CA the CA bundle https:// members are checked against.
-X-Test-Retry / X-Test-Retry-Methods build the retry policy; X-Test-Stream streams.
+X-Test-Retry / X-Test-Retry-Methods build the retry policy (X-Test-Policy: raises, one whose own code
+fails once a reply is in hand); X-Test-Stream streams.
 """
 import os
 
@@ -25,8 +26,17 @@ POOL = UpstreamPool(
 )
 
 
+class RaisingPolicy(RetryPolicy):
+    """A policy whose own code fails, as a hook's subclass may: first asked once a reply is in hand."""
+
+    def retriable(self, status):
+        raise RuntimeError("a bug in the policy")
+
+
 class PoolGateway(Proxy):
     def retry_policy(self, req):
+        if req.headers.get("X-Test-Policy") == "raises":
+            return RaisingPolicy()
         methods = req.headers.get("X-Test-Retry-Methods")
         return RetryPolicy(max_attempts=int(req.headers.get("X-Test-Retry", 1)),
                            retry_methods=methods.split(",") if methods else None)
