@@ -96,7 +96,7 @@ class Trip:
     """What one request carries from step to step: the hooks' objects, its timings, how its attempts went."""
 
     __slots__ = ("environ", "req", "res", "ures", "ureq", "upgrade", "stream_wanted", "received", "started",
-                 "member", "answered_by_hook", "close_after", "body_read")
+                 "member", "answered_by_hook", "close_after", "body_read", "counted")
 
     def __init__(self, environ: dict) -> None:
         self.environ = environ
@@ -112,6 +112,7 @@ class Trip:
         self.answered_by_hook = False  # before_forward answered: res is the hook's
         self.close_after = False  # unread request bytes may be left: the connection is not reused
         self.body_read = False  # judge_reply was shown the reply's (error) body: it is in ures.body, to be buffered
+        self.counted = False  # its reply is in the answered metric (once: a counter cannot be taken back)
 
 
 class ClientReply(NamedTuple):
@@ -291,10 +292,7 @@ def answer(proxy: Gateway, trip: Trip) -> ClientReply:
     body: Iterable[bytes] = [res.body]
     if trip.close_after:
         body = close_connection_after(body, trip.environ)
-    counters = metrics()
-    if counters.enabled:
-        counters.answered(trip.environ["REQUEST_METHOD"], res.status, ures.upstream_name or "-",
-                          ures.error.type if ures.error else None)
+    _count(trip, res.status, ures.error)
     return ClientReply(res.status, fields, body)
 
 
@@ -387,6 +385,8 @@ def _check_upstream_request(ureq: UpstreamRequest) -> None:
     if header_rules.unfit_for_target(ureq.path):
         raise HookError("upstream path holds a space, a control or a non-latin-1 character",
                         f"it is {ureq.path!r:.100}")
+    if not isinstance(ureq.headers, urllib3.HTTPHeaderDict):
+        raise HookError(f"ureq.headers must be an HTTPHeaderDict, not {_kind(ureq.headers)}")
     bad = header_rules.first_forbidden(header_rules.lines(ureq.headers))
     if bad is not None:
         raise HookError(f"upstream request header {bad!r}: {header_rules.FORBIDDEN_WHY}")
@@ -428,19 +428,33 @@ def _client_fields(req: Request, res: Response, *, checked: bool) -> list[tuple[
     """The head of ``res`` for the client; Content-Length is the body's, except where no body is
     sent (HEAD, 204, 304) and the upstream's stands.
 
-    ``checked``: headers a hook may have set are checked; the upstream's own
-    passed ``wire.read_head``, which refuses the same characters.
+    ``checked``: the status and headers a hook may have set are checked; the
+    upstream's own passed ``wire.read_head``, which refuses the same.
     """
+    if checked:
+        _check_response(res)
     keep_length = req.method == "HEAD" or res.status in (204, 304)
     fields = header_rules.client_response_headers(res.headers, keep_content_length=keep_length,
                                                   drop=(REQUEST_ID_HEADER.lower(),))
-    bad = header_rules.first_forbidden(fields) if checked else None
-    if bad is not None:
-        raise HookError(f"response header {bad!r}: {header_rules.FORBIDDEN_WHY}")
     if not keep_length:
         fields.append(("Content-Length", str(len(res.body))))
     fields += own_fields(req)
     return fields
+
+
+def _check_response(res: Response) -> None:
+    """What a hook may have set of ``res``, else a hook_error naming the kind, never the value: a status the
+    server can send (an int, 100 to 999), headers in an ``HTTPHeaderDict``, every line sendable."""
+    status = res.status
+    if type(status) is not int:
+        raise HookError(f"res.status must be an int, not {_kind(status)}", f"it is {status!r:.100}")
+    if not 100 <= status <= 999:
+        raise HookError("res.status must be from 100 to 999", f"it is {status}")
+    if not isinstance(res.headers, urllib3.HTTPHeaderDict):
+        raise HookError(f"res.headers must be an HTTPHeaderDict, not {_kind(res.headers)}")
+    bad = header_rules.first_forbidden(header_rules.lines(res.headers))  # every line, the dropped ones too
+    if bad is not None:
+        raise HookError(f"response header {bad!r}: {header_rules.FORBIDDEN_WHY}")
 
 
 def _detail(err: ProxyError, ures: UpstreamResponse) -> str:
@@ -470,7 +484,7 @@ def _internal_error(trip: Trip) -> ClientReply:
     log.exception("[%s] %s %s: internal error", trip.req.request_id if trip.req is not None else "-",
                   environ.get("REQUEST_METHOD"), environ.get("RAW_URI"))
     err = InternalError("internal proxy error; the proxy's log has the details")
-    return ClientReply(err.status, _json_fields(err.body()), [err.body()])
+    return ClientReply(err.status, _last_resort_fields(trip, err), [err.body()])
 
 
 def _refused_by_server(trip: Trip, start_response: Callable, body: Iterable[bytes], exc: Exception) -> list[bytes]:
@@ -482,8 +496,34 @@ def _refused_by_server(trip: Trip, start_response: Callable, body: Iterable[byte
     if close is not None:
         close()
     err = BadUpstreamResponse("the reply head holds what HTTP cannot carry; the proxy's log has the details")
-    start_response(status_line(err.status), _json_fields(err.body()), sys.exc_info())
+    start_response(status_line(err.status), _last_resort_fields(trip, err), sys.exc_info())
     return [err.body()]
+
+
+def _last_resort_fields(trip: Trip, err: ProxyError) -> list[tuple[str, str]]:
+    """The head of a reply made when the request's story broke off: JSON, and once the request is known,
+    forkproxy's own fields, the access log's and the answered metric, so that the client's X-Request-ID
+    finds the log line. Should recording raise (the trip may be what broke), the reply goes out all the same."""
+    fields = _json_fields(err.body())
+    if trip.req is None:  # no request id yet (the environ itself was unusable)
+        return fields
+    try:
+        note(trip)
+        _count(trip, err.status, err)
+        return fields + own_fields(trip.req)
+    except Exception:
+        log.exception("[%s] recording the %d reply failed", trip.req.request_id, err.status)
+        return fields
+
+
+def _count(trip: Trip, status: int, error: ProxyError | None) -> None:
+    """The request's reply in the answered metric, the first time only (a counter cannot be taken back)."""
+    counters = metrics()
+    if trip.counted or not counters.enabled:
+        return
+    trip.counted = True
+    counters.answered(trip.environ.get("REQUEST_METHOD", "-"), status, trip.ures.upstream_name or "-",
+                      error.type if error else None)
 
 
 def timeouts(proxy: Gateway) -> urllib3.Timeout:

@@ -1,4 +1,5 @@
 """Every proxy-made error of the contract, as JSON, with the worker still serving."""
+import re
 import socket
 import threading
 import time
@@ -280,3 +281,21 @@ def test_hook_set_response_header_with_a_control_character_is_500(gateway):
     reply = request(gateway.url, "GET", unique("/hook-res-ctl"))
     assert_error(reply, 500, "hook_error")
     assert "Traceback" not in reply.body.decode()
+
+
+@pytest.mark.parametrize("path, kind", [("/hook-int-header", "upstream request header 'X-Count'"),
+                                        ("/hook-dict-headers", "ureq.headers must be an HTTPHeaderDict, not a dict"),
+                                        ("/hook-res-int-header", "response header 'X-Count'"),
+                                        ("/hook-res-dict-headers", "res.headers must be an HTTPHeaderDict, not a dict"),
+                                        ("/hook-res-status-abc", "res.status must be an int, not a str"),
+                                        ("/hook-res-status-1000", "res.status must be from 100 to 999"),
+                                        ("/hook-res-status-99", "res.status must be from 100 to 999")])
+def test_a_hook_set_field_of_the_wrong_kind_is_500_hook_error_naming_its_kind_never_its_value(gateway, upstream,
+                                                                                              path, kind):
+    target = unique(path)
+    reply = request(gateway.url, "GET", target)
+    assert_error(reply, 500, "hook_error")
+    message = reply.json()["error"]["message"]
+    assert message.startswith(kind) and "s3cret" not in message and "abc" not in message
+    assert upstream.seen(target) == []
+    gateway.wait_for_log(rf"GET {target} -> 500 hook_error: {re.escape(kind)}")

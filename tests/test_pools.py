@@ -366,3 +366,13 @@ def test_a_retry_policy_whose_own_code_raises_leaves_no_reply_held_nor_its_membe
         assert request(g.url, "GET", "/x", headers={"X-Test-Policy": "raises"}).status == 500
         assert answered_by(g, 4) == {a.url: 2, b.url: 2}  # nothing in flight on either: turns again
         g.wait_for_log(r"RuntimeError: a bug in the policy")
+
+
+def test_a_retry_that_finds_no_live_member_is_not_counted():
+    with servers(2) as (a, b), gateway(a.url, b.url) as g:
+        for s in (a, b):  # each marked down by its 503: after two attempts, nothing is left to retry on
+            s.route("/", lambda h, s: h.reply(503, b"overloaded"))
+        reply = request(g.url, "GET", "/x", headers={"X-Test-Retry": "3"})
+        assert (reply.status, reply.header("X-Seen-Attempts")) == (503, "2")
+        assert len(a.seen()) + len(b.seen()) == 2
+        g.wait_for_log(r"\"GET /x HTTP/1.1\" 503 .* retries=1")

@@ -188,3 +188,26 @@ def test_a_post_whose_tls_connection_breaks_after_it_went_out_is_not_sent_again_
         finally:
             g.stop()
             server.close()
+
+
+def test_a_reply_retried_while_its_body_trickles_in_is_cut_after_a_second_and_the_retry_goes_out(gateway):
+    stop, served = threading.Event(), []
+
+    def serve(conn):
+        served.append(conn)
+        read_request_head(conn)
+        if len(served) > 1:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nfinally")
+            return
+        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 60000\r\n\r\n")
+        while not stop.wait(0.3):  # a byte well within the read timeout (3 s), never the whole body
+            conn.sendall(b".")
+    server = RawServer(serve)
+    try:
+        started = time.monotonic()
+        reply = request(gateway.url, "GET", "/x", headers={"X-Test-Upstream": server.url, "X-Test-Retry": "2"})
+        assert (reply.status, reply.body, reply.header("X-Seen-Attempts")) == (200, b"finally", "2")
+        assert time.monotonic() - started < 2.5  # the drain's second, not the trickle's length
+    finally:
+        stop.set()
+        server.close()

@@ -91,6 +91,15 @@ def test_a_header_name_that_is_not_a_token_is_found(name):
     assert first_forbidden([("Ok", "fine"), (name, "v")]) == name
 
 
+@pytest.mark.parametrize("value", [5, b"bytes", None, ["a"]])
+def test_a_header_value_that_is_not_a_str_is_found_by_its_name(value):
+    assert first_forbidden([("Ok", "fine"), ("X-Count", value)]) == "X-Count"
+
+
+def test_a_header_name_that_is_not_a_str_is_named_by_its_type_only():
+    assert first_forbidden([("Ok", "fine"), (b"X-Secret", "v")]) == "<bytes>"
+
+
 def test_fields_read_any_mapping_as_they_read_a_header_dict():
     pairs = [("Set-Cookie", "a=1"), ("X-One", "1"), ("set-cookie", "b=2")]
     assert list(fields(HTTPHeaderDict(pairs))) == [("set-cookie", ["Set-Cookie", "a=1", "b=2"]),

@@ -73,6 +73,23 @@ def test_a_bug_inside_forkproxy_is_still_a_json_500(caplog):
     assert "internal error" in caplog.text
 
 
+def test_a_bug_inside_forkproxy_is_a_500_carrying_the_request_id_to_the_client_the_access_log_and_metrics(
+        monkeypatch):
+    import types
+    from forkproxy import lifecycle
+    from forkproxy.server.worker import ENV_REQUEST_ID
+    answered = []
+    monkeypatch.setattr(lifecycle, "metrics", lambda: types.SimpleNamespace(
+        enabled=True, answered=lambda *counted: answered.append(counted)))
+    proxy = Proxy("http://127.0.0.1:1")
+    proxy._transport = object()  # any internal failure once the request is known
+    environ, seen = {"REQUEST_METHOD": "GET", "RAW_URI": "/x", "HTTP_X_REQUEST_ID": "req-42"}, {}
+    b"".join(proxy(environ, lambda s, h: seen.update(status=s, headers=h)))
+    assert seen["status"] == "500 Internal Server Error" and ("X-Request-ID", "req-42") in seen["headers"]
+    assert environ[ENV_REQUEST_ID] == "req-42"
+    assert answered == [("GET", 500, "-", "internal_error")]
+
+
 def test_pools_for_many_upstream_origins_all_stay_open():
     from forkproxy.upstream.members import parse_base_url as parse_upstream
     from forkproxy.upstream.attempts import Transport

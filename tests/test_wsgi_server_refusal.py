@@ -7,6 +7,7 @@ gunicorn's does, against a real upstream on loopback.
 import io
 import sys
 import threading
+import types
 
 from forkproxy import Proxy
 from tests.support.servers import RawServer, read_request_head
@@ -47,5 +48,23 @@ def test_a_refused_stream_head_becomes_a_json_502_and_closes_the_upstream_connec
         assert ("Content-Type", "application/json") in headers
         assert b'"bad_upstream_response"' in body
         assert closed.wait(5), "the upstream connection was left open"
+    finally:
+        server.close()
+
+
+def test_a_refused_reply_head_carries_the_request_id_and_is_counted_once_as_the_502_it_became(monkeypatch):
+    from forkproxy import lifecycle
+    answered = []
+    monkeypatch.setattr(lifecycle, "metrics", lambda: types.SimpleNamespace(
+        enabled=True, answered=lambda *counted: answered.append(counted), upstream_done=lambda *_: None))
+    server = RawServer(lambda conn: (read_request_head(conn), conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 0\r\n\r\n")))
+    try:
+        start_response = RefusingFirstHead()
+        b"".join(Proxy(server.url)(dict(environ(), HTTP_X_REQUEST_ID="req-42"), start_response))
+        status, headers, _ = start_response.calls[1]
+        assert status.startswith("502 ") and ("X-Request-ID", "req-42") in headers
+        assert [(method, status, error) for method, status, _, error in answered] == [
+            ("GET", 502, "bad_upstream_response")]
     finally:
         server.close()

@@ -238,13 +238,20 @@ def client_response_headers(
     ]
 
 
-FORBIDDEN_WHY = "a name that is not a token, or CR, LF, NUL, another control character or a non-latin-1 character in its value"
+FORBIDDEN_WHY = ("a name that is not a token, or a value that is not a str or holds CR, LF, NUL, another control "
+                 "character or a non-latin-1 character")
 
 
 def first_forbidden(pairs: Iterable[tuple[str, str]]) -> str | None:
-    """The first header name with ``FORBIDDEN_WHY``, or None."""
+    """The first header name with ``FORBIDDEN_WHY``, or None; a name that is not a str is named by its type.
+
+    A hook may set any object as a value (or, bypassing the header dict, a
+    name): one that is not a str is as unsendable as a CR in one.
+    """
     search, token = _FORBIDDEN.search, TOKEN_RE.fullmatch
     for name, value in pairs:
-        if search(value) or not token(name):
+        if not isinstance(name, str):
+            return f"<{type(name).__name__}>"
+        if not isinstance(value, str) or search(value) or not token(name):
             return name
     return None

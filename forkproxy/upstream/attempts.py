@@ -164,11 +164,11 @@ class Transport:
                 move = _move(policy, route, retry, ureq.method, outcome, verdict)
                 if move is None or (deadline is not None and deadline.passed_after(move.wait)):
                     return _attempted(outcome, retry, member)  # the last outcome stands
-                retry = move.retry
                 try:
                     member = route.repeat() if verdict == RETRY else route.next()
-                except NoLiveUpstream:  # every member is down now: the last outcome stands
+                except NoLiveUpstream:  # every member is down now: the last outcome stands, no retry made
                     return _attempted(outcome, retry, member)
+                retry = move.retry  # counted once it has a member to go to
                 _wait(route, outcome, move.wait)
             except BaseException:
                 if isinstance(outcome, UpstreamReply):

@@ -8,6 +8,7 @@ the streaming path relays whatever one read brought.
 """
 from __future__ import annotations
 
+import time
 from http.client import IncompleteRead
 from ssl import SSLWantReadError
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
@@ -25,6 +26,7 @@ Pieces = Callable[[], "list[bytes] | None"]
 """Body bytes of one read (whole chunks of a chunked body); None once the body has ended."""
 
 _DRAIN_LIMIT = 64 * 1024
+_DRAIN_SECONDS = 1.0  # the longest a retry waits for the body of the reply it replaces
 READ_BUFFER = 2048  # the reader's buffer: the head is read through it; larger body reads bypass it
 BODY_READ = 64 * 1024  # the most one read of a body asks for
 
@@ -51,13 +53,25 @@ class UpstreamReply:
         return False
 
     def drain_conn(self) -> None:
-        """A reply not relayed (another attempt follows): read a small body so the connection can be reused."""
+        """A reply not relayed (another attempt follows): a small body is read so the connection can be reused.
+
+        Bounded in size and in time (``_DRAIN_SECONDS`` in all, whatever the
+        read timeout), as the retry waits for it: a body that is larger, ends
+        with the connection, or has not come by then is cut, its connection closed.
+        """
+        framing = self.framing
+        if framing.will_close or (framing.length or 0) > _DRAIN_LIMIT:
+            self.close()
+            return
         try:
-            pieces, size = self.pieces(_DRAIN_LIMIT), 0
-            while size <= _DRAIN_LIMIT and (got := pieces()) is not None:
+            pieces, size, until = self.pieces(_DRAIN_LIMIT), 0, time.monotonic() + _DRAIN_SECONDS
+            while size <= _DRAIN_LIMIT and (left := until - time.monotonic()) > 0:
+                self.set_read_timeout(left)
+                if (got := pieces()) is None:
+                    break
                 size += sum(map(len, got))
         except Exception:
-            pass  # a broken body only means the connection is not reused
+            pass  # a broken or slow body only means the connection is not reused
         finally:
             self.release()
 

@@ -65,6 +65,12 @@ class TestGateway(Proxy):
             res.headers["X-Ctl"] = "a\x01b"
             res.body = "x"
             return True
+        if path.startswith("/hook-int-header"):  # a value that is not a str, as a count taken from a JSON body
+            ureq.headers["X-Count"] = 5
+        if path.startswith("/hook-dict-headers"):
+            ureq.headers = {"X-Secret": "s3cret-value"}
+        if path.startswith(("/hook-res-int-header", "/hook-res-dict-headers", "/hook-res-status-")):
+            return _unsendable_reply(path.split("/")[1], res)  # a short-circuit whose reply cannot go out as it is
         if path.startswith("/hook-badpath"):
             ureq.path = "evil.example/x"
         if path.startswith("/hook-method-crlf"):  # a method taken from client input, unchecked
@@ -91,6 +97,18 @@ class TestGateway(Proxy):
             raise ValueError("boom from after_forward")
         if req.path.startswith("/after-proxy-error"):
             raise BadUpstreamResponse("the upstream's answer failed the gateway's check")
+
+
+def _unsendable_reply(what, res):
+    res.body = "x"
+    if what == "hook-res-int-header":
+        res.headers["X-Count"] = 5
+    elif what == "hook-res-dict-headers":
+        res.headers = {"X-Secret": "s3cret-value"}
+    else:  # hook-res-status-<status>: a number, or a str as it is
+        status = what.removeprefix("hook-res-status-")
+        res.status = int(status) if status.isdigit() else status
+    return True
 
 
 app = TestGateway(os.environ["TEST_UPSTREAM"], **SETTINGS)
