@@ -67,6 +67,7 @@ class Gateway(Protocol):
     stream_idle_timeout: float
     max_event_bytes: int
     sse_heartbeat_secs: float
+    sse_error_event: bool
     tunnel_idle_timeout: float
     max_ws_message_bytes: int
     transport: Any  # upstream.attempts.Transport
@@ -244,7 +245,8 @@ def stream(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> ClientReply:
     """The streaming path (``relay.stream``): the head now, then each unit as it arrives."""
     note(trip)
     hooks = StreamHooks(proxy.on_stream_chunk, proxy.on_stream_end)
-    settings = StreamSettings(proxy.stream_idle_timeout, proxy.max_event_bytes, proxy.sse_heartbeat_secs)
+    settings = StreamSettings(proxy.stream_idle_timeout, proxy.max_event_bytes, proxy.sse_heartbeat_secs,
+                              proxy.sse_error_event)
     try:
         relay = StreamRelay(trip.req, reply, trip.member, hooks, settings)
         status, fields = relay.head()

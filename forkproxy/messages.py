@@ -145,9 +145,13 @@ class StreamStats:
 
     ``req`` is the request being streamed, so that ``on_stream_chunk`` can
     see what ``before_forward`` put in ``req.ivars`` (the model, a tenant).
+    ``status``, ``headers`` and ``upstream`` (the member's name) describe the
+    upstream reply being relayed, and ``error`` is the ``ProxyError`` that
+    failed the stream (None while it has not), so the hooks can see why.
     """
 
-    __slots__ = ("req", "byte_count", "chunk_count", "errored", "client_disconnected", "meta")
+    __slots__ = ("req", "byte_count", "chunk_count", "errored", "client_disconnected", "meta",
+                 "status", "headers", "upstream", "error")
 
     def __init__(self, req: Request | None = None) -> None:
         self.req = req
@@ -156,6 +160,10 @@ class StreamStats:
         self.errored = False
         self.client_disconnected = False
         self.meta: dict[str, Any] = {}
+        self.status = 0
+        self.headers = HTTPHeaderDict()
+        self.upstream = ""
+        self.error: ProxyError | None = None
 
     def __repr__(self) -> str:
         return (f"<StreamStats units={self.chunk_count} bytes={self.byte_count} "
@@ -167,13 +175,21 @@ class StreamWriter:
 
     Writes are queued and handed to the server between units, so a hook stays
     plain blocking code; after the client is gone they are discarded.
+    ``fail`` lets ``on_stream_chunk`` fail the upstream's stream at the unit
+    it is handling, as if the upstream had broken it there.
     """
 
-    __slots__ = ("_pending", "discarding")
+    __slots__ = ("_pending", "discarding", "failure")
 
     def __init__(self) -> None:
         self._pending: list[bytes] = []
         self.discarding = False
+        self.failure: str | None = None  # the message given to fail, once it was called
+
+    def fail(self, message: str) -> None:
+        """Fail the stream at this unit: nothing written for it is sent, and the stream ends as an upstream failure."""
+        self.failure = str(message)
+        self._pending.append(b"")  # never empty now: the relay looks for a failure only where a unit wrote
 
     def write(self, data: bytes | str) -> None:
         if not self.discarding and data:

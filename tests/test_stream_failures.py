@@ -1,5 +1,6 @@
 """Streams that break: upstream failures, client departures, hook errors."""
 import gzip
+import json
 import socket
 import threading
 import time
@@ -38,12 +39,26 @@ def read_until_cut(g, path, **headers):
     return got
 
 
+def error_event(data):
+    """The error event an event stream failed for good ends with, parsed."""
+    assert data.startswith(b"data: {") and data.endswith(b"}\n\n") and data.count(b"\n") == 2, data
+    error = json.loads(data[len(b"data: "):])["error"]
+    assert error["type"] == "upstream_stream_failed"
+    return error
+
+
 def assert_cut(g, path, got, expect_units):
+    """Cut as an upstream failure: the error event, then what on_stream_end wrote, then no last chunk."""
     record = g.records.wait_one(path)
     assert record["errored"] and not record["client_disconnected"]
     assert record["chunk_count"] == expect_units
-    assert got[-1] == b"event: end\ndata: %d\n\n" % expect_units  # on_stream_end wrote, then the cut
+    end = b"event: end\ndata: %d\n\n" % expect_units
+    assert got[-1].endswith(end)
+    message = error_event(got[-1][:-len(end)])["message"]
+    assert message == record["error"]["message"]  # the client-safe message of stats.error
+    assert "127.0.0.1" not in message and "Errno" not in message
     g.wait_for_log(rf"GET {path}: stream cut after {expect_units} units")
+    return record
 
 
 def reset(conn):
@@ -62,7 +77,7 @@ def test_upstream_that_dies_mid_stream_cuts_the_client_reply(streams, how):
     try:
         got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
         assert got[:2] == [b"data: 1\n\n", b"data: 2\n\n"]
-        assert_cut(streams, path, got, 2)
+        assert assert_cut(streams, path, got, 2)["error"]["type"] == "bad_upstream_response"
     finally:
         server.close()
 
@@ -93,7 +108,7 @@ def test_silence_longer_than_the_idle_timeout_cuts_the_reply(streams):
         started = time.monotonic()
         got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
         assert 1.5 < time.monotonic() - started < 6  # the idle timeout is 2 s
-        assert_cut(streams, path, got, 1)
+        assert assert_cut(streams, path, got, 1)["error"]["type"] == "upstream_timeout"
         streams.wait_for_log(rf"GET {path}: stream cut after 1 units: the upstream went silent while sending the body "
                              rf"\(http://127\.0\.0\.1:\d+: \w+")  # the member and the cause, for the log only
     finally:
@@ -154,6 +169,7 @@ def test_client_that_goes_away_closes_the_upstream_connection(streams):
         assert upstream_gone.wait(10), "the proxy kept the upstream connection open"
         record = streams.records.wait_one(path)
         assert record["client_disconnected"] and not record["errored"]
+        assert record["error"] is None  # a client gone is no upstream failure: no error event, no stats.error
         assert len(sent) < 100
     finally:
         server.close()
@@ -164,7 +180,7 @@ def test_a_raising_chunk_hook_cuts_the_stream_and_the_worker_serves_on(streams, 
 
     upstream.route(path, event_stream(4))
     got = read_until_cut(streams, path, **{"X-Mode": "raise", "X-Final": "1"})
-    assert got[0] == b"data: 0\n\n"
+    assert got == [b"data: 0\n\n", b"event: end\ndata: 2\n\n"]  # a hook that raised: no error event
     record = streams.records.wait_one(path)
     assert record["errored"] and record["chunk_count"] == 2
     streams.wait_for_log("RuntimeError: boom from on_stream_chunk")
@@ -223,7 +239,7 @@ def test_a_gzip_bomb_in_an_event_stream_is_cut_at_max_event_bytes_without_expand
     path = unique()
     try:
         got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url})
-        assert got == []
+        assert len(got) == 1 and "exceeds 65536" in error_event(got[0])["message"]  # no event, the error event
         record = streams.records.wait_one(path)
         assert record["errored"] and record["chunk_count"] == 0
         streams.wait_for_log(rf"GET {path}: stream cut after 0 units: incomplete event of \d+ bytes exceeds 65536")
@@ -272,3 +288,49 @@ def test_an_event_stream_with_more_codings_than_can_be_undone_is_502_and_its_con
         assert closed.wait(5), "the upstream connection was left open"
     finally:
         server.close()
+
+
+# -- out.fail, the error event, and what the stream hooks see of why
+
+
+def test_out_fail_fails_the_stream_at_that_unit_with_an_error_event_before_on_stream_end(streams, upstream):
+    path = unique()
+    upstream.route(path, event_stream(4))
+    got = read_until_cut(streams, path, **{"X-Mode": "fail", "X-Final": "1"})
+    assert got[0] == b"data: 0\n\n" and len(got) == 2  # unit 2 is not sent
+    record = assert_cut(streams, path, got, 2)
+    assert record["error"] == {"type": "bad_upstream_response", "message": "the provider sent an in-band error"}
+    streams.wait_for_log(rf"GET {path}: stream cut after 2 units: out.fail: the provider sent an in-band error")
+
+
+def test_stream_hooks_see_the_upstream_status_head_and_member(streams, upstream):
+    path = unique()
+    upstream.route(path, event_stream(2))
+    client = StreamClient(streams.url, path)
+    client.read_head()
+    client.read_rest()
+    record = streams.records.wait_one(path)
+    assert record["status"] == 200 and record["content_type"].startswith("text/event-stream")
+    assert record["upstream"] == upstream.url.split("://")[1] and record["error"] is None
+
+
+def test_a_failed_chunked_stream_that_is_no_event_stream_gets_no_error_event(streams):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = raw_upstream(lambda conn: (conn.sendall(head + chunk(b"abc")), time.sleep(0.2), reset(conn)))
+    path = unique()
+    try:
+        got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Test-Stream": "1", "X-Final": "1"})
+        assert got == [b"abc", b"event: end\ndata: 1\n\n"]
+        assert streams.records.wait_one(path)["error"]["type"] == "bad_upstream_response"
+    finally:
+        server.close()
+
+
+def test_sse_error_event_false_cuts_an_event_stream_without_one(streams_factory, upstream):
+    g = streams_factory(TEST_SSE_ERROR_EVENT="0")
+    path = unique()
+    upstream.route(path, event_stream(4))
+    got = read_until_cut(g, path, **{"X-Mode": "fail", "X-Final": "1"})
+    assert got == [b"data: 0\n\n", b"event: end\ndata: 2\n\n"]
+    assert g.records.wait_one(path)["error"]["type"] == "bad_upstream_response"
+

@@ -1,7 +1,12 @@
-"""SSE framing, without sockets: every line-end style, any split."""
+"""SSE framing, without sockets: every line-end style, any split; the error event a failed stream ends with."""
+import json
+
 import pytest
 
+from forkproxy.errors import BadUpstreamResponse
 from forkproxy.http.sse import EventFramer, EventTooLarge
+from forkproxy.messages import StreamWriter
+from forkproxy.relay.stream import error_event
 
 STREAMS = {
     "lf": b"data: a\n\ndata: b\nid: 2\n\n",
@@ -115,3 +120,17 @@ def test_one_whole_event_per_read_keeps_its_bytes_and_the_state_clean():
     assert framer.feed(b"data: a\r\n\r\n") == [b"data: a\r\n\r\n"]  # CR line ends take the full path
     assert framer.feed(b"data: b\n") == [] and framer.feed(b"\n") == [b"data: b\n\n"]
     assert framer.finish() == []
+
+
+def test_the_error_event_is_one_event_holding_only_the_client_safe_message():
+    error = BadUpstreamResponse('the upstream said "no"\nthen more')
+    event = error_event(error)
+    assert frame(event, [event]) == [event]  # one event: the message's newline is escaped by JSON
+    assert json.loads(event[len(b"data: "):]) == {
+        "error": {"message": 'the upstream said "no"\nthen more', "type": "upstream_stream_failed"}}
+
+
+def test_out_fail_keeps_its_message_and_leaves_something_for_the_relay_to_look_at():
+    out = StreamWriter()
+    out.fail("provider error")
+    assert out.failure == "provider error" and out.take()  # the relay checks for a failure only when a unit wrote

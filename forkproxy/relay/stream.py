@@ -17,6 +17,7 @@ the stats, the log line, the shutdown registry, metrics, ``on_stream_end``.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 from http.client import HTTPException
 from typing import Any, Callable, Iterator, Literal, NamedTuple
@@ -26,7 +27,7 @@ import urllib3
 from urllib3.exceptions import DecodeError
 from urllib3.response import BaseHTTPResponse, MultiDecoder
 
-from forkproxy.errors import BadUpstreamResponse
+from forkproxy.errors import BadUpstreamResponse, ProxyError
 from forkproxy.hooks import call_after_head, log_failure
 from forkproxy.http import headers as header_rules
 from forkproxy.http.sse import EventFramer, EventTooLarge
@@ -55,17 +56,20 @@ class StreamSettings(NamedTuple):
     idle_timeout: float  # ``stream_idle_timeout``: the longest wait for one read; 0 waits for ever
     max_event_bytes: int  # the largest event an event stream may hold
     heartbeat_secs: float  # an event stream's heartbeat after that long with no read; 0: none
+    error_event: bool = True  # ``sse_error_event``: an event stream failed for good ends with an error event
 
 
 Reason = Literal["complete", "upstream_failed", "hook_failed", "client_gone", "worker_stopping", "interrupted"]
 
 
 class StreamEnd(NamedTuple):
-    """How a stream ended: its reason, and for the log line what broke (``unforeseen``: with its traceback)."""
+    """How a stream ended: its reason, for the log line what broke (``unforeseen``: with its traceback),
+    and for an upstream failure the ``ProxyError`` the hooks see as ``stats.error``."""
 
     reason: Reason
     detail: str = ""
     unforeseen: Exception | None = None
+    error: ProxyError | None = None
 
 
 _COMPLETE = StreamEnd("complete")
@@ -115,7 +119,8 @@ class StreamRelay:
         self.sse = is_event_stream(reply.headers)
         # An event stream is framed (and seen by hooks) decoded; other bodies pass as sent.
         self.decoder = content_decoder(reply.headers) if self.sse else None
-        self.stats = StreamStats(req)
+        self.stats = stats = StreamStats(req)
+        stats.status, stats.headers, stats.upstream = reply.status, reply.headers, member.name
         self.out = StreamWriter()
         self.greenlet: gevent.Greenlet | None = None  # the request's, while the relay runs
         self.stopping = False  # the worker is stopping: shutdown.stop_all ended this stream
@@ -173,6 +178,8 @@ class StreamRelay:
                         raise _Ended(StreamEnd("hook_failed", log_failure(on_chunk, describe(self.req), exc)))
                     pending = out.take()
                     if pending:
+                        if out.failure is not None:
+                            raise _Ended(_failed_by_hook(out.failure))
                         yield b"".join(pending) if len(pending) > 1 else pending[0]
             end = _COMPLETE
         except _Ended as ended:
@@ -218,7 +225,9 @@ class StreamRelay:
             if reason == "client_gone":
                 stats.client_disconnected = True
             else:
-                stats.errored = True
+                stats.errored, stats.error = True, end.error
+                if reason == "upstream_failed" and self.sse and self.settings.error_event and end.error:
+                    self.out.write(error_event(end.error))
                 log.warning("%s: stream cut after %d units: %s", describe(req), stats.chunk_count, end.detail,
                             exc_info=end.unforeseen)
         shutdown.closed(self)
@@ -260,10 +269,11 @@ class StreamRelay:
             try:
                 return units()
             except EventTooLarge as exc:
-                raise _Ended(StreamEnd("upstream_failed", str(exc))) from exc
+                raise _Ended(StreamEnd("upstream_failed", str(exc), error=BadUpstreamResponse(str(exc)))) from exc
             except (urllib3.exceptions.HTTPError, HTTPException, OSError, ValueError) as exc:
-                detail = f"{body_error(exc).message} ({member.origin}: {type(exc).__name__}: {exc})"
-                raise _Ended(StreamEnd("upstream_failed", detail)) from exc
+                error = body_error(exc)
+                detail = f"{error.message} ({member.origin}: {type(exc).__name__}: {exc})"
+                raise _Ended(StreamEnd("upstream_failed", detail, error=error)) from exc
         return checked
 
     def _body_pieces(self) -> Units:
@@ -298,6 +308,17 @@ class StreamRelay:
                     return [data]
             return [undo(decoder.decompress, b"", step)]
         return decoded
+
+
+def error_event(error: ProxyError) -> bytes:
+    """The last event of an event stream that failed for good: the client-safe message of what failed it."""
+    body = {"error": {"message": error.message, "type": "upstream_stream_failed"}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _failed_by_hook(message: str) -> StreamEnd:
+    """``out.fail(message)``: ``on_stream_chunk`` judged the upstream's stream broken, so a bad upstream response."""
+    return StreamEnd("upstream_failed", f"out.fail: {message}", error=BadUpstreamResponse(message))
 
 
 def _interrupted(exc: BaseException) -> StreamEnd:

@@ -14,6 +14,8 @@ for key, env, kind in (("stream_idle_timeout", "TEST_IDLE", float), ("max_event_
                        ("max_response_body_bytes", "TEST_MAX_RESPONSE", int)):
     if os.environ.get(env):
         SETTINGS[key] = kind(os.environ[env])
+if os.environ.get("TEST_SSE_ERROR_EVENT"):
+    SETTINGS["sse_error_event"] = os.environ["TEST_SSE_ERROR_EVENT"] == "1"
 
 
 class StreamGateway(Proxy):
@@ -40,6 +42,9 @@ class StreamGateway(Proxy):
             out.write(chunk)
         elif mode == "raise" and stats.chunk_count == 2:
             raise RuntimeError("boom from on_stream_chunk")
+        elif mode == "fail" and stats.chunk_count == 2:
+            out.write(chunk)  # not sent: the unit out.fail fails goes nowhere
+            out.fail("the provider sent an in-band error")
         elif mode == "discard":
             pass
         else:
@@ -53,7 +58,10 @@ class StreamGateway(Proxy):
             out.write(f"event: end\ndata: {stats.chunk_count}\n\n")
         record = {"path": req.path, "chunk_count": stats.chunk_count, "byte_count": stats.byte_count,
                   "errored": stats.errored, "client_disconnected": stats.client_disconnected,
-                  "units": stats.meta.get("units", [])[:50], "pid": os.getpid()}
+                  "units": stats.meta.get("units", [])[:50], "pid": os.getpid(),
+                  "status": stats.status, "content_type": stats.headers.get("Content-Type"),
+                  "upstream": stats.upstream,
+                  "error": stats.error and {"type": stats.error.type, "message": stats.error.message}}
         with open(os.environ["TEST_RECORDS"], "a") as f:
             f.write(json.dumps(record) + "\n")
         if req.headers.get("X-End-Raise"):
