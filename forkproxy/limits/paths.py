@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import tempfile
+from typing import Callable
 
 LOCK_SUFFIX = "-lock"  # LMDB's lock file beside the data file (subdir=False)
 
@@ -75,15 +76,8 @@ def _lstat(path: str) -> os.stat_result | None:
 
 
 def _own_private_folder(folder: str) -> None:
-    st = _lstat(folder)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeStorePath(f"limits store folder {folder} is not a folder (a link or a file is refused)")
-    _owned(folder, st)
-    if st.st_mode & 0o077:
-        raise UnsafeStorePath(f"limits store folder {folder} is open to other users (mode {st.st_mode & 0o777:o}, "
-                              "must be 700)")
+    _own(folder, stat.S_ISDIR, "limits store folder {} is not a folder (a link or a file is refused)",
+         0o077, "limits store folder {} is open to other users (mode {:o}, must be 700)")
 
 
 def _folder_others_cannot_replace_in(folder: str) -> None:
@@ -100,14 +94,20 @@ def _folder_others_cannot_replace_in(folder: str) -> None:
 
 
 def _own_file(path: str) -> None:
+    _own(path, stat.S_ISREG, "limits store file {} is not a plain file (a link is refused)",
+         0o022, "limits store file {} may be written by other users (mode {:o})")
+
+
+def _own(path: str, is_kind: Callable[[int], bool], not_kind: str, open_bits: int, too_open: str) -> None:
+    """``path``, when it is there: of the kind asked for (never a link), this user's, without ``open_bits``."""
     st = _lstat(path)
     if st is None:
         return
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafeStorePath(f"limits store file {path} is not a plain file (a link is refused)")
+    if not is_kind(st.st_mode):
+        raise UnsafeStorePath(not_kind.format(path))
     _owned(path, st)
-    if st.st_mode & 0o022:
-        raise UnsafeStorePath(f"limits store file {path} may be written by other users (mode {st.st_mode & 0o777:o})")
+    if st.st_mode & open_bits:
+        raise UnsafeStorePath(too_open.format(path, st.st_mode & 0o777))
 
 
 def _owned(path: str, st: os.stat_result) -> None:
