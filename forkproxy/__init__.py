@@ -25,6 +25,7 @@ _HOMES = {
     "proxy": ("Proxy",),
     "upstream.retry": ("IDEMPOTENT_METHODS", "RetryPolicy"),
     "server.trust": ("TrustedProxies",),
+    "server.worker": ("refuse_start",),
     "upstream.members": ("Upstream", "UpstreamPool"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
@@ -57,4 +58,5 @@ if TYPE_CHECKING:
     from forkproxy.proxy import Proxy
     from forkproxy.upstream.retry import IDEMPOTENT_METHODS, RetryPolicy
     from forkproxy.server.trust import TrustedProxies
+    from forkproxy.server.worker import refuse_start
     from forkproxy.upstream.members import Upstream, UpstreamPool
