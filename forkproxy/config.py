@@ -205,6 +205,8 @@ SETTINGS: tuple[Setting, ...] = (
             "largest incomplete SSE event held"),
     Setting("sse_heartbeat_secs", PROXY, "FORKPROXY_SSE_HEARTBEAT_SECS", _SECONDS_OR_OFF, 0.0,
             "SSE comment sent on a silent event stream, 0 = off"),
+    Setting("first_byte_timeout", PROXY, "FORKPROXY_FIRST_BYTE_TIMEOUT", _SECONDS_OR_OFF, 0.0,
+            "seconds a stream may take to send its first unit after its head (failover until then); 0 = off"),
     Setting("sse_error_event", PROXY, None, _flag, True,
             "whether an event stream that fails for good ends with an `upstream_stream_failed` error event"),
     Setting("trusted_proxies", PROXY, None, _as_given, None,

@@ -93,6 +93,13 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("on_stream_chunk", ("chunk", "out", "stats"), None, "`out.write(chunk)`", "once per stream unit",
              "what it wrote goes to the client at once; nothing written, nothing sent for the unit",
              AFTER_HEAD, "the stream is cut (`stats.errored`), `on_stream_end` still runs"),
+    HookSpec("resume_stream", ("req", "ureq", "stats", "upstream"), "bool", "not set: `False`",
+             "when a stream fails after its head went out, while attempts and the deadline allow (see Failover); "
+             "`ureq` is a copy of the request `before_forward` left, `upstream` the next live member",
+             "`True` sends `ureq` to `upstream` (through `before_attempt`) and relays that reply's units after "
+             "those sent, its head not passed on; a reply that fails before its first unit asks again for the "
+             "next member; `False` ends the stream as failed",
+             AFTER_HEAD, "the stream ends as failed (`stats.errored`), `on_stream_end` still runs"),
     HookSpec("on_stream_end", ("req", "out", "stats"), None, "nothing",
              "once per streamed response, `out` still writable",
              "what it wrote is sent, then the reply ends and its access-log line is written",

@@ -35,13 +35,13 @@ from forkproxy.limits.gcra import Limit
 from forkproxy.messages import Request, Response, UpstreamRequest, UpstreamResponse, describe
 from forkproxy.metrics import metrics
 from forkproxy.relay.buffered import read_body
-from forkproxy.relay.stream import StreamHooks, StreamRelay, StreamSettings, is_event_stream
+from forkproxy.relay.stream import Primed, Resume, StreamHooks, StreamRelay, StreamSettings, is_event_stream, prime
 from forkproxy.relay.tunnel import Tunnel, TunnelHooks, TunnelSettings
 from forkproxy.server.inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
 from forkproxy.server import takeover
 from forkproxy.server.worker import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS,
                                      ENV_UPSTREAM_TIME, close_connection_after)
-from forkproxy.upstream.attempts import VERDICTS, Attempted, Deadline, Judge, Shape
+from forkproxy.upstream.attempts import VERDICTS, Attempted, Attempts, Check, Deadline, Shape
 from forkproxy.upstream.members import FixedRoute, PoolRoute, Upstream, UpstreamPool, fixed_route
 from forkproxy.upstream.reply import UpstreamReply
 from forkproxy.upstream.retry import RetryPolicy
@@ -62,6 +62,7 @@ class Gateway(Protocol):
     timeout: float
     connect_timeout: float
     deadline: float
+    first_byte_timeout: float
     max_request_body_bytes: int
     max_response_body_bytes: int
     stream_idle_timeout: float
@@ -82,6 +83,7 @@ class Gateway(Protocol):
     stream_request: Callable[..., Any]
     after_forward: Callable[..., Any]
     on_stream_chunk: Callable[..., Any]
+    resume_stream: Callable[..., Any]
     on_stream_end: Callable[..., Any]
     on_ws_message: Callable[..., Any]
     on_tunnel_end: Callable[..., Any]
@@ -97,7 +99,7 @@ class Trip:
     """What one request carries from step to step: the hooks' objects, its timings, how its attempts went."""
 
     __slots__ = ("environ", "req", "res", "ures", "ureq", "upgrade", "stream_wanted", "received", "started",
-                 "member", "answered_by_hook", "close_after", "body_read", "counted")
+                 "attempts", "member", "primed", "answered_by_hook", "close_after", "body_read", "counted")
 
     def __init__(self, environ: dict) -> None:
         self.environ = environ
@@ -109,7 +111,9 @@ class Trip:
         self.stream_wanted = False  # stream_request said so
         self.received = 0.0  # when the request was received, body included (monotonic): its deadline counts from it
         self.started = 0.0  # when the attempts began (monotonic)
+        self.attempts: Attempts | None = None  # the attempt loop: a resumed stream goes on with it
         self.member: Upstream | None = None  # the member that answered, or was tried last
+        self.primed: Primed | None = None  # the first units of the reply checked last, when they were read ahead
         self.answered_by_hook = False  # before_forward answered: res is the hook's
         self.close_after = False  # unread request bytes may be left: the connection is not reused
         self.body_read = False  # judge_reply was shown the reply's (error) body: it is in ures.body, to be buffered
@@ -217,9 +221,9 @@ def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
     trip.stream_wanted = call(proxy.stream_request, req)
     trip.started = time.monotonic()
     shape = _before_attempt(proxy, req) if proxy.overridden("before_attempt") else None
-    judge = _judge_reply(proxy, trip) if proxy.overridden("judge_reply") else None
-    attempted = proxy.transport.send(route, trip.ureq, policy, timeouts(proxy), trip.upgrade, shape, judge,
-                                     _deadline(trip))
+    trip.attempts = proxy.transport.attempts(route, trip.ureq, policy, timeouts(proxy), trip.upgrade, shape,
+                                             _check(proxy, trip, proxy.first_byte_timeout), _deadline(trip))
+    attempted = trip.attempts.first()
     _attempted(trip, attempted)
     if attempted.error is not None:
         raise attempted.error
@@ -245,10 +249,10 @@ def stream(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> ClientReply:
     """The streaming path (``relay.stream``): the head now, then each unit as it arrives."""
     note(trip)
     hooks = StreamHooks(proxy.on_stream_chunk, proxy.on_stream_end)
-    settings = StreamSettings(proxy.stream_idle_timeout, proxy.max_event_bytes, proxy.sse_heartbeat_secs,
-                              proxy.sse_error_event)
+    primed = trip.primed if trip.primed is not None and trip.primed.reply is reply else None
+    resume = _resume(proxy, trip) if proxy.overridden("resume_stream") else None
     try:
-        relay = StreamRelay(trip.req, reply, trip.member, hooks, settings)
+        relay = StreamRelay(trip.req, reply, trip.member, hooks, stream_settings(proxy), primed, resume)
         status, fields = relay.head()
     except BaseException:
         reply.close()  # nobody else will: the relay never took the connection
@@ -349,22 +353,74 @@ def _before_attempt(proxy: Gateway, req: Request) -> Shape:
     return shape
 
 
-def _judge_reply(proxy: Gateway, trip: Trip) -> Judge:
-    """Each reply head's verdict by ``judge_reply``, shown in ``ures`` with the body of a 4xx/5xx read for it
-    (up to ``max_response_body_bytes``); a verdict that is not one of ``VERDICTS`` is a ``hook_error``."""
+def _check(proxy: Gateway, trip: Trip, wait: float, resuming: bool = False) -> Check | None:
+    """Each reply head's check before it is accepted; None when there is nothing to check.
+
+    A reply that will stream has its first units read within ``wait``
+    (``first_byte_timeout``, and every resumed attempt): no unit in time is
+    a failed attempt. ``judge_reply``, when set, then gives its verdict,
+    shown in ``ures`` with those first units in ``ures.body``, or the body
+    of a 4xx/5xx read whole (up to ``max_response_body_bytes``); a verdict
+    that is not one of ``VERDICTS`` is a ``hook_error``.
+    """
+    judging = proxy.overridden("judge_reply")
+    if not judging and not wait:
+        return None
     hook, req, ures = proxy.judge_reply, trip.req, trip.ures
 
-    def judge(reply: UpstreamReply, member: Upstream, attempts: int) -> str | None:
-        trip.body_read = reply.status >= 400
+    def check(reply: UpstreamReply, member: Upstream, attempts: int) -> str | None:
         ures.status, ures.headers, ures.attempts = reply.status, reply.headers, attempts
         ures.upstream, ures.upstream_name = member.base.origin, member.name
-        ures.body = read_body(reply, proxy.max_response_body_bytes) if trip.body_read else b""
+        trip.body_read = judging and reply.status >= 400 and not resuming
+        if judging and reply.status >= 400:
+            ures.body = read_body(reply, proxy.max_response_body_bytes)
+        elif wait and (resuming or _streams(proxy, trip, reply)):
+            trip.primed = prime(reply, member, stream_settings(proxy), _within(wait, trip.attempts.deadline))
+            ures.body = b"".join(trip.primed.units)
+        else:
+            ures.body = b""
+        if not judging:
+            return None
         verdict = call(hook, req, ures)
         if verdict not in VERDICTS:
             raise HookError(f"judge_reply must return 'accept', 'retry', 'fail_over' or None, not {_kind(verdict)}",
                             f"it returned {verdict!r:.100}")
         return verdict
-    return judge
+    return check
+
+
+def _resume(proxy: Gateway, trip: Trip) -> Resume:
+    """What a stream that failed after its head went out calls: ``resume_stream`` asked for each next live member,
+    on a copy of the request ``before_forward`` left, while the request's attempts and deadline allow; the reply
+    it goes on with, its first units read (within ``first_byte_timeout``, else ``stream_idle_timeout``)."""
+    hook, req, attempts = proxy.resume_stream, trip.req, trip.attempts
+    check = _check(proxy, trip, proxy.first_byte_timeout or proxy.stream_idle_timeout or proxy.timeout, True)
+
+    def resume(stats: Any) -> Primed | None:
+        def ask(member: Upstream) -> UpstreamRequest | None:
+            ureq = trip.ureq
+            own = UpstreamRequest(ureq.method, ureq.path, ureq.headers.copy(), ureq.body)
+            if not call(hook, req, own, stats, member):
+                return None
+            _check_upstream_request(own)
+            return own
+        trip.primed = None
+        reply = attempts.resume(ask, check)
+        if reply is None:
+            return None
+        trip.member = trip.primed.member
+        return trip.primed
+    return resume
+
+
+def _within(wait: float, deadline: Deadline | None) -> float:
+    """``wait``, cut to what is left of the deadline."""
+    return wait if deadline is None else min(wait, max(deadline.at - time.monotonic(), 0.001))
+
+
+def stream_settings(proxy: Gateway) -> StreamSettings:
+    return StreamSettings(proxy.stream_idle_timeout, proxy.max_event_bytes, proxy.sse_heartbeat_secs,
+                          proxy.sse_error_event)
 
 
 def _deadline(trip: Trip) -> Deadline | None:

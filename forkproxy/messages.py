@@ -148,10 +148,11 @@ class StreamStats:
     ``status``, ``headers`` and ``upstream`` (the member's name) describe the
     upstream reply being relayed, and ``error`` is the ``ProxyError`` that
     failed the stream (None while it has not), so the hooks can see why.
+    ``resumes`` counts the attempts that resumed it (``resume_stream``).
     """
 
     __slots__ = ("req", "byte_count", "chunk_count", "errored", "client_disconnected", "meta",
-                 "status", "headers", "upstream", "error")
+                 "status", "headers", "upstream", "error", "resumes")
 
     def __init__(self, req: Request | None = None) -> None:
         self.req = req
@@ -164,6 +165,7 @@ class StreamStats:
         self.headers = HTTPHeaderDict()
         self.upstream = ""
         self.error: ProxyError | None = None
+        self.resumes = 0
 
     def __repr__(self) -> str:
         return (f"<StreamStats units={self.chunk_count} bytes={self.byte_count} "

@@ -81,6 +81,10 @@ class Proxy:
     def on_stream_chunk(self, chunk: bytes, out: StreamWriter, stats: StreamStats) -> None:
         out.write(chunk)
 
+    def resume_stream(self, req: Request, ureq: UpstreamRequest, stats: StreamStats, upstream: Upstream) -> bool:
+        """Whether a stream that failed after its head went out goes on at ``upstream``, with ``ureq`` as changed."""
+        return False
+
     def on_stream_end(self, req: Request, out: StreamWriter, stats: StreamStats) -> None:
         """Runs once per streamed response, after its last unit."""
 

@@ -140,8 +140,8 @@ def test_a_failed_attempt_gives_its_slot_back_to_the_connection_pool_with_its_co
     route = fixed_route(server.url)
     try:
         for expected in ("ok", "upstream_unreachable"):
-            attempted = transport.send(route, UpstreamRequest("GET", "/x", urllib3.HTTPHeaderDict(), b""),
-                                       RetryPolicy(), urllib3.Timeout(connect=2, read=2))
+            attempted = transport.attempts(route, UpstreamRequest("GET", "/x", urllib3.HTTPHeaderDict(), b""),
+                                       RetryPolicy(), urllib3.Timeout(connect=2, read=2)).first()
             if attempted.reply is not None:
                 assert attempted.reply.read_sized().decode() == expected
                 attempted.reply.release()

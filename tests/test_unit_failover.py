@@ -95,9 +95,9 @@ def test_a_before_attempt_that_raises_gives_its_member_back_unjudged_trial_inclu
                                                                               backup=True)], fail_timeout=0)
     pool.failed(0, "refused", False, now=time.monotonic())  # down for 0 s: its next request is its trial
     with pytest.raises(HookError):
-        Transport(pool_maxsize=1, ca_certs=None).send(
+        Transport(pool_maxsize=1, ca_certs=None).attempts(
             pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()), RetryPolicy(), urllib3.Timeout(1),
-            shape=shaper())
+            shape=shaper()).first()
     assert pool.in_flight == [0, 0]
     assert pool.health[0].ejections == 1 and not pool.health[0].trial_out  # not judged: due for a trial again
     assert pool.health[0].available(time.monotonic())

@@ -157,8 +157,8 @@ def test_an_attempt_that_raises_anything_settles_its_trial_and_leaves_the_in_fli
     pool.failed(0, "refused", False, now=time.monotonic())  # down for 0 s: its next request is its trial
     transport = BrokenTransport(pool_maxsize=1, ca_certs=None)
     with pytest.raises(RuntimeError):
-        transport.send(pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()), RetryPolicy(),
-                       urllib3.Timeout(1))
+        transport.attempts(pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()), RetryPolicy(),
+                       urllib3.Timeout(1)).first()
     assert pool.in_flight == [0, 0]
     assert pool.health[0].ejections == 2 and not pool.health[0].trial_out  # the trial failed: down again
 
@@ -167,8 +167,8 @@ def test_every_member_down_is_an_outcome_with_no_member_not_an_exception():
     pool = pool_of("http://a", "http://b")
     for i in (0, 1):
         pool.failed(i, "refused", False, now=time.monotonic())
-    attempted = Transport(pool_maxsize=1, ca_certs=None).send(
-        pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()), RetryPolicy(), urllib3.Timeout(1))
+    attempted = Transport(pool_maxsize=1, ca_certs=None).attempts(
+        pool.route(), UpstreamRequest("GET", "/", urllib3.HTTPHeaderDict()), RetryPolicy(), urllib3.Timeout(1)).first()
     assert attempted.reply is None and attempted.member is None and attempted.retries == 0
     assert isinstance(attempted.error, NoLiveUpstream)
 

@@ -13,12 +13,20 @@ seen: the body's end, a failed read (``upstream_failed``), a raising
 else ending the greenlet (``interrupted``). ``StreamRelay.finish`` does what
 every end needs, in one place: the upstream connection released or closed,
 the stats, the log line, the shutdown registry, metrics, ``on_stream_end``.
+
+Two things read units before the relay runs or in place of its reply:
+``prime`` reads a reply's first units before its head is accepted
+(``first_byte_timeout``, and every resumed attempt), framed as the relay
+frames them, so that the relay goes on from them; and when a read fails
+after the head went out, the relay asks its ``resume`` (the lifecycle's,
+``resume_stream``) for a reply to go on with, primed so.
 """
 from __future__ import annotations
 
 import errno
 import json
 import logging
+import time
 from http.client import HTTPException
 from typing import Any, Callable, Iterator, Literal, NamedTuple
 
@@ -27,7 +35,7 @@ import urllib3
 from urllib3.exceptions import DecodeError
 from urllib3.response import BaseHTTPResponse, MultiDecoder
 
-from forkproxy.errors import BadUpstreamResponse, ProxyError
+from forkproxy.errors import BadUpstreamResponse, ProxyError, UpstreamTimeout
 from forkproxy.hooks import call_after_head, log_failure
 from forkproxy.http import headers as header_rules
 from forkproxy.http.sse import EventFramer, EventTooLarge
@@ -36,7 +44,7 @@ from forkproxy.metrics import metrics
 from forkproxy.relay.heartbeat import HEARTBEAT, Units, paced
 from forkproxy.server import shutdown
 from forkproxy.server.inbound import REQUEST_ID_HEADER
-from forkproxy.upstream.failures import body_error
+from forkproxy.upstream.failures import NoFirstUnit, body_error
 from forkproxy.upstream.members import Upstream
 from forkproxy.upstream.reply import UpstreamReply
 
@@ -58,6 +66,18 @@ class StreamSettings(NamedTuple):
     heartbeat_secs: float  # an event stream's heartbeat after that long with no read; 0: none
     error_event: bool = True  # ``sse_error_event``: an event stream failed for good ends with an error event
 
+
+class Primed(NamedTuple):
+    """A reply whose first units were read before it was accepted, and the rest of its units to come."""
+
+    reply: UpstreamReply
+    member: Upstream
+    units: list[bytes]  # its first units; [] when the body ended before one
+    rest: Units  # the units after those, framed as they were
+
+
+Resume = Callable[[StreamStats], "Primed | None"]
+"""``resume(stats)``: a reply to go on with after the stream's reply failed (``resume_stream``), or None."""
 
 Reason = Literal["complete", "upstream_failed", "hook_failed", "client_gone", "worker_stopping", "interrupted"]
 
@@ -107,24 +127,31 @@ class StreamAborted(ConnectionResetError):
 
 
 class StreamRelay:
-    """One streamed response: the upstream body, the hooks, the client."""
+    """One streamed response: the upstream body, the hooks, the client.
+
+    ``primed``: the reply's first units, read before it was accepted.
+    ``resume``: asked for a reply to go on with when the reply fails.
+    """
 
     def __init__(self, req: Request, reply: UpstreamReply, member: Upstream, hooks: StreamHooks,
-                 settings: StreamSettings) -> None:
+                 settings: StreamSettings, primed: Primed | None = None, resume: Resume | None = None) -> None:
         self.req = req
         self.reply = reply
         self.member = member
         self.hooks = hooks
         self.settings = settings
+        self.resume = resume
         self.sse = is_event_stream(reply.headers)
         # An event stream is framed (and seen by hooks) decoded; other bodies pass as sent.
-        self.decoder = content_decoder(reply.headers) if self.sse else None
+        self.decoded = self.sse and content_decoder(reply.headers) is not None
         self.stats = stats = StreamStats(req)
         stats.status, stats.headers, stats.upstream = reply.status, reply.headers, member.name
         self.out = StreamWriter()
         self.greenlet: gevent.Greenlet | None = None  # the request's, while the relay runs
         self.stopping = False  # the worker is stopping: shutdown.stop_all ended this stream
         self.end: StreamEnd | None = None  # how it ended, once it has
+        self._first: list[bytes] = primed.units if primed is not None else []
+        self._rest: Units | None = primed.rest if primed is not None else None
         self._units: Iterator[bytes] | None = None
         self._stop_reading: Callable[[], None] = _nothing
         # From here on a read may wait ``stream_idle_timeout``, not ``timeout``.
@@ -132,7 +159,7 @@ class StreamRelay:
 
     def head(self) -> tuple[int, list[tuple[str, str]]]:
         """The status and the upstream's fields as they go to the client, without forkproxy's own."""
-        drop = ("content-encoding",) if self.decoder else ()
+        drop = ("content-encoding",) if self.decoded else ()
         # No CR, LF or NUL to check for: wire.read_head refused those already.
         return self.reply.status, header_rules.client_response_headers(
             self.reply.headers, keep_content_length=False, drop=(*drop, REQUEST_ID_HEADER.lower()))
@@ -164,26 +191,32 @@ class StreamRelay:
         self._open()
         try:
             yield b""  # the server sends status and headers now, not with the first unit
-            next_units = self._unit_source()
-            while (units := next_units()) is not None:
-                for unit in units:
-                    if unit is HEARTBEAT:
-                        yield unit
-                        continue
-                    stats.byte_count += len(unit)
-                    stats.chunk_count += 1
-                    try:
-                        on_chunk(unit, out, stats)
-                    except Exception as exc:
-                        raise _Ended(StreamEnd("hook_failed", log_failure(on_chunk, describe(self.req), exc)))
-                    pending = out.take()
-                    if pending:
-                        if out.failure is not None:
-                            raise _Ended(_failed_by_hook(out.failure))
-                        yield b"".join(pending) if len(pending) > 1 else pending[0]
-            end = _COMPLETE
-        except _Ended as ended:
-            end = ended.end
+            end: StreamEnd | None = None
+            while end is None:  # once per upstream reply: the first, then each that resumed it
+                next_units = self._unit_source()
+                units, self._first = self._first or next_units(), []
+                try:
+                    while units is not None:
+                        for unit in units:
+                            if unit is HEARTBEAT:
+                                yield unit
+                                continue
+                            stats.byte_count += len(unit)
+                            stats.chunk_count += 1
+                            try:
+                                on_chunk(unit, out, stats)
+                            except Exception as exc:
+                                raise _Ended(StreamEnd("hook_failed",
+                                                       log_failure(on_chunk, describe(self.req), exc)))
+                            pending = out.take()
+                            if pending:
+                                if out.failure is not None:
+                                    raise _Ended(_failed_by_hook(out.failure))
+                                yield b"".join(pending) if len(pending) > 1 else pending[0]
+                        units = next_units()
+                    end = _COMPLETE
+                except _Ended as ended:
+                    end = None if self._resumed(ended.end) else ended.end
         except GeneratorExit:  # the server closed us: the client went away, or the worker stopped us
             self.finish(_WORKER_STOPPING if self.stopping else _CLIENT_GONE)
             raise
@@ -201,6 +234,36 @@ class StreamRelay:
             yield b"".join(pending)
         if end is not _COMPLETE:
             raise StreamAborted(end.detail)
+
+    def _resumed(self, end: StreamEnd) -> bool:
+        """Whether the stream goes on after ``end`` with a reply ``resume`` gave; the failed reply is let go first.
+
+        Only an upstream failure is resumed. When ``resume`` raises (a hook
+        did), the stream ends as it would have, the hook's failure logged.
+        """
+        if end.reason != "upstream_failed" or self.resume is None:
+            return False
+        stats = self.stats
+        log.warning("%s: stream broke after %d units from %s: %s; asking resume_stream", describe(self.req),
+                    stats.chunk_count, self.member.name, end.detail)
+        self._stop_reading()
+        self._stop_reading = _nothing
+        self.reply.close()  # its attempt is over: the member's in-flight count comes down
+        self.out.failure = None
+        stats.error = end.error  # the hook sees why
+        try:
+            primed = self.resume(stats)
+        except Exception as exc:  # a hook raised (its own exception is the cause): the stream ends as it would have
+            log.error("%s: resuming the stream failed: %s", describe(self.req), exc, exc_info=exc.__cause__ or exc)
+            return False
+        if primed is None:
+            return False
+        self.reply, self.member, self._first, self._rest = primed
+        primed.reply.set_read_timeout(self.settings.idle_timeout or None)
+        stats.status, stats.headers, stats.upstream, stats.error = (primed.reply.status, primed.reply.headers,
+                                                                    primed.member.name, None)
+        stats.resumes += 1
+        return True
 
     def _open(self) -> None:
         counters = metrics()
@@ -247,67 +310,99 @@ class StreamRelay:
 
     def _unit_source(self) -> Units:
         """A function giving the units of one read, None at the end; with heartbeats, if they are on."""
-        next_units, interval = self._framed_units(), self.settings.heartbeat_secs
+        next_units = self._rest or framed_units(self.reply, self.member, self.settings)
+        self._rest = None
+        interval = self.settings.heartbeat_secs
         if self.sse and interval:
             next_units, self._stop_reading = paced(next_units, interval)
         return next_units
 
-    def _framed_units(self) -> Units:
-        member, pieces = self.member.base, self._body_pieces()
-        if self.sse:
-            framer = EventFramer(self.settings.max_event_bytes)
 
-            def units() -> list[bytes] | None:
-                got = pieces()
-                if got is None:
-                    return framer.finish() or None
-                return [event for piece in got for event in framer.feed(piece)]
-        else:
-            units = pieces
+def prime(reply: UpstreamReply, member: Upstream, settings: StreamSettings, wait: float) -> Primed:
+    """The reply's first units, read within ``wait`` seconds of now and framed as the relay frames them.
 
-        def checked() -> list[bytes] | None:
-            try:
-                return units()
-            except EventTooLarge as exc:
-                raise _Ended(StreamEnd("upstream_failed", str(exc), error=BadUpstreamResponse(str(exc)))) from exc
-            except (urllib3.exceptions.HTTPError, HTTPException, OSError, ValueError) as exc:
-                error = body_error(exc)
-                detail = f"{error.message} ({member.origin}: {type(exc).__name__}: {exc})"
-                raise _Ended(StreamEnd("upstream_failed", detail, error=error)) from exc
-        return checked
+    A body that ends before one primes with none. No unit in time, or a
+    body broken before one, is a failed attempt (``NoFirstUnit``): the
+    request went out, the member answered with a head and nothing more.
+    """
+    rest = framed_units(reply, member, settings)
+    until = time.monotonic() + wait
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:  # units came, but each read only part of one
+            raise NoFirstUnit.late(wait, TimeoutError("no complete unit yet"))
+        reply.set_read_timeout(left)
+        try:
+            units = rest()
+        except _Ended as ended:
+            error, cause = ended.end.error, ended.__cause__ or ended
+            if isinstance(error, UpstreamTimeout):
+                raise NoFirstUnit.late(wait, cause) from cause
+            raise NoFirstUnit(error, cause) from cause
+        if units is None:
+            return Primed(reply, member, [], _ended)
+        if units:
+            return Primed(reply, member, units, rest)
 
-    def _body_pieces(self) -> Units:
-        """A function giving the body bytes of one read (whole chunks for a chunked body), None at the end.
 
-        A compressed event stream is decoded here so the framer and the hooks
-        see its events, at most ``_DECODE_STEP`` bytes per call: a small gzip
-        body can expand a thousandfold, and what one read brought is decoded
-        over as many calls as that takes, the framer checking each step
-        against ``max_event_bytes``.
-        """
-        reply, decoder = self.reply, self.decoder
-        pieces = reply.pieces(waiting=self.sse)
-        if decoder is None:
-            return pieces
-        step = min(_DECODE_STEP, self.settings.max_event_bytes)
+def framed_units(reply: UpstreamReply, member: Upstream, settings: StreamSettings) -> Units:
+    """A function giving the units of one read of ``reply``'s body, None at its end; a failed read raises ``_Ended``."""
+    sse, origin = is_event_stream(reply.headers), member.base.origin
+    pieces = _body_pieces(reply, settings, content_decoder(reply.headers) if sse else None, sse)
+    if sse:
+        framer = EventFramer(settings.max_event_bytes)
 
-        def undo(decode: Callable[..., bytes], *args: Any) -> bytes:
-            try:
-                return decode(*args)
-            except Exception as exc:  # zlib.error, brotli.error, ...: the body is not what it claims
-                raise DecodeError(f"undecodable {reply.headers['content-encoding']} body: {exc}") from exc
+        def units() -> list[bytes] | None:
+            got = pieces()
+            if got is None:
+                return framer.finish() or None
+            return [event for piece in got for event in framer.feed(piece)]
+    else:
+        units = pieces
 
-        def decoded() -> list[bytes] | None:
-            while not decoder.has_unconsumed_tail:
-                got = pieces()
-                if got is None:
-                    rest = undo(decoder.flush)
-                    return [rest] if rest else None
-                data = got[0] if len(got) == 1 else b"".join(got)  # [] when a read held only chunk framing
-                if data and (data := undo(decoder.decompress, data, step)):
-                    return [data]
-            return [undo(decoder.decompress, b"", step)]
-        return decoded
+    def checked() -> list[bytes] | None:
+        try:
+            return units()
+        except EventTooLarge as exc:
+            raise _Ended(StreamEnd("upstream_failed", str(exc), error=BadUpstreamResponse(str(exc)))) from exc
+        except (urllib3.exceptions.HTTPError, HTTPException, OSError, ValueError) as exc:
+            error = body_error(exc)
+            detail = f"{error.message} ({origin}: {type(exc).__name__}: {exc})"
+            raise _Ended(StreamEnd("upstream_failed", detail, error=error)) from exc
+    return checked
+
+
+def _body_pieces(reply: UpstreamReply, settings: StreamSettings, decoder: MultiDecoder | None, sse: bool) -> Units:
+    """A function giving the body bytes of one read (whole chunks for a chunked body), None at the end.
+
+    A compressed event stream is decoded here so the framer and the hooks
+    see its events, at most ``_DECODE_STEP`` bytes per call: a small gzip
+    body can expand a thousandfold, and what one read brought is decoded
+    over as many calls as that takes, the framer checking each step
+    against ``max_event_bytes``.
+    """
+    pieces = reply.pieces(waiting=sse)
+    if decoder is None:
+        return pieces
+    step = min(_DECODE_STEP, settings.max_event_bytes)
+
+    def undo(decode: Callable[..., bytes], *args: Any) -> bytes:
+        try:
+            return decode(*args)
+        except Exception as exc:  # zlib.error, brotli.error, ...: the body is not what it claims
+            raise DecodeError(f"undecodable {reply.headers['content-encoding']} body: {exc}") from exc
+
+    def decoded() -> list[bytes] | None:
+        while not decoder.has_unconsumed_tail:
+            got = pieces()
+            if got is None:
+                rest = undo(decoder.flush)
+                return [rest] if rest else None
+            data = got[0] if len(got) == 1 else b"".join(got)  # [] when a read held only chunk framing
+            if data and (data := undo(decoder.decompress, data, step)):
+                return [data]
+        return [undo(decoder.decompress, b"", step)]
+    return decoded
 
 
 def error_event(error: ProxyError) -> bytes:
@@ -328,6 +423,11 @@ def _interrupted(exc: BaseException) -> StreamEnd:
 
 def _nothing() -> None:
     pass
+
+
+def _ended() -> None:
+    """The units of a body that has ended: none."""
+    return None
 
 
 class _Ended(Exception):

@@ -13,8 +13,11 @@ reply (a stream holds its member's count while it runs).
 
 The hooks that take part are handed in, never imported (the lifecycle owns
 them): ``Shape`` makes each attempt's own request (``before_attempt``),
-``Judge`` gives each reply head its verdict (``judge_reply``), and a
-``Deadline`` bounds the whole.
+``Check`` gives each reply head its verdict (``judge_reply``) after reading
+its first units where that is asked for (``first_byte_timeout``), and a
+``Deadline`` bounds the whole. ``Attempts`` is one request's loop; it stays
+with a streamed reply, so that a stream resumed after a failure
+(``resume_stream``) goes on with the same count, order and deadline.
 
 The connections of each origin are made lazily in the process that uses
 them and forgotten in a forked child, so a gunicorn master never owns
@@ -47,8 +50,25 @@ Shape = Callable[[UpstreamRequest, Upstream], UpstreamRequest]
 
 ACCEPT, RETRY, FAIL_OVER = "accept", "retry", "fail_over"
 VERDICTS = (ACCEPT, RETRY, FAIL_OVER, None)
-Judge = Callable[[UpstreamReply, Upstream, int], "str | None"]
-"""``judge(reply, member, attempts)``: one of ``VERDICTS`` for a reply head (``judge_reply``); it may read the body."""
+Check = Callable[[UpstreamReply, Upstream, int], "str | None"]
+"""``check(reply, member, attempts)``: one of ``VERDICTS`` for a reply head (``judge_reply``); it may read the
+body, and raises an ``AttemptFailed`` for a reply whose first unit did not come (``first_byte_timeout``)."""
+
+Ask = Callable[[Upstream], "UpstreamRequest | None"]
+"""``ask(member)``: the request a resumed stream sends to ``member``, or None not to go on (``resume_stream``)."""
+
+
+class StreamResumed(Exception):
+    """What urllib3's count of retries records for a resumed attempt (its history says why each was made).
+
+    Neither a connection nor a read error for urllib3, which would then ask
+    whether the method may be retried: the ``resume_stream`` hook decided that.
+    """
+
+
+_RESUMING = StreamResumed("the stream broke off after its head went out")
+# A timeout this close to the deadline was the deadline's (timers may fire a hair early).
+_DEADLINE_SLACK = 0.01
 
 
 class Deadline(NamedTuple):
@@ -120,76 +140,156 @@ class Transport:
                 idle_timeout=self.idle_timeout, **tls)
         return found
 
-    def send(self, route: FixedRoute | PoolRoute, ureq: UpstreamRequest, policy: RetryPolicy,
-             timeout: urllib3.Timeout, upgrade: str | None = None, shape: Shape | None = None,
-             judge: Judge | None = None, deadline: Deadline | None = None) -> Attempted:
-        """Make the attempts ``ureq`` gets; the reply's body is still unread (unless ``judge`` read it).
+    def attempts(self, route: FixedRoute | PoolRoute, ureq: UpstreamRequest, policy: RetryPolicy,
+                 timeout: urllib3.Timeout, upgrade: str | None = None, shape: Shape | None = None,
+                 check: Check | None = None, deadline: Deadline | None = None) -> Attempts:
+        """The attempts of one request, ready to start (``Attempts.first``)."""
+        return Attempts(self, route, ureq, policy, timeout, upgrade, shape, check, deadline)
+
+
+class Attempts:
+    """One request's attempts: its route through the members, urllib3's count of its retries, its deadline.
+
+    Kept while the reply is relayed, so that a stream resumed after a
+    failure (``resume``) goes on with the same count, the same order of
+    members and the same deadline as the attempts that got its head.
+    """
+
+    __slots__ = ("transport", "route", "ureq", "policy", "timeout", "upgrade", "shape", "check", "deadline",
+                 "retry", "headers")
+
+    def __init__(self, transport: Transport, route: FixedRoute | PoolRoute, ureq: UpstreamRequest,
+                 policy: RetryPolicy, timeout: urllib3.Timeout, upgrade: str | None, shape: Shape | None,
+                 check: Check | None, deadline: Deadline | None) -> None:
+        self.transport = transport
+        self.route = route
+        self.ureq = ureq
+        self.policy = policy
+        self.timeout = timeout
+        self.upgrade = upgrade  # the protocols a tunnel request asks for: the reply may be its 101
+        self.shape = shape  # before_attempt: each attempt's own request, made from ureq (which stays as it is)
+        self.check = check  # judge_reply and the first unit: each reply head's verdict, or its AttemptFailed
+        self.deadline = deadline
+        self.retry: Retry | None = None  # urllib3's count of the retries made, from the first on
+        self.headers: urllib3.HTTPHeaderDict | None = None  # ureq's on the wire, when no shape makes them per attempt
+
+    def first(self) -> Attempted:
+        """Make the attempts the request gets; the reply's body is still unread (unless ``check`` read some).
 
         A member that was sent nothing (failed connect or TLS handshake) is
         moved on from to one not tried yet, using no attempt and no wait.
-        Every other outcome is retried as ``policy`` says, on the member the
+        Every other outcome is retried as the policy says, on the member the
         route chooses next. Never raises for an upstream failure: its error
-        is returned. ``upgrade`` asks for a tunnel (the reply may be its 101).
-        ``shape``, when given, makes each attempt's own request from ``ureq``
-        (which then stays as it is); what it raises ends the request.
-        ``judge``, when given, gives each reply head its verdict (``judge_reply``):
-        ``"accept"`` takes it, ``"retry"`` sends again to its member, ``"fail_over"``
-        moves on to the next one at once, None leaves it to the policy.
-        ``deadline`` bounds the whole: each attempt's timeouts are cut to
-        what is left, and no wait runs past it.
+        is returned. What ``shape`` or ``check`` raise ends the request.
+        ``check``'s verdict (``judge_reply``): ``"accept"`` takes the reply,
+        ``"retry"`` sends again to its member, ``"fail_over"`` moves on to the
+        next one at once, None leaves it to the policy. The deadline bounds
+        the whole: each attempt's timeouts are cut to what is left, and no
+        wait runs past it.
 
         A reply whose status is not one to retry returns at once, before the
         retry rules are consulted: most requests end so, and this keeps their
         cost at what a single urlopen cost before the loop was forkproxy's.
         """
-        headers = wire_headers(ureq) if shape is None else None
+        route, policy, deadline = self.route, self.policy, self.deadline
+        if self.shape is None:
+            self.headers = wire_headers(self.ureq)
         try:
             member = route.next()
         except NoLiveUpstream as error:
             return Attempted(None, error, 0, None)
-        retry: Retry | None = None  # urllib3's count of the retries made, from the first on
         while True:
-            limit = timeout if deadline is None else deadline.cut(timeout)
-            outcome, verdict = self._attempt(route, member, ureq, headers, limit, upgrade, shape, judge, retry)
+            limit = self.timeout if deadline is None else deadline.cut(self.timeout)
+            outcome, verdict = self._attempt(member, self.ureq, self.headers, limit, self.check)
             # The policy is the hook's object, its methods perhaps the hook's code: what they raise leaves
             # no reply held (its connection closed, its member's in-flight count down).
             try:
                 if verdict is None and isinstance(outcome, UpstreamReply) and not policy.retriable(outcome.status):
-                    return _attempted(outcome, retry, member)  # most requests
+                    return self._attempted(outcome, member)  # most requests
                 if verdict == ACCEPT:
-                    return _attempted(outcome, retry, member)
-                if limit is not timeout and isinstance(outcome, AttemptFailed) and isinstance(outcome.error,
-                                                                                              UpstreamTimeout):
-                    return deadline.ran_out(outcome, _attempts(retry), member)
-                move = _move(policy, route, retry, ureq.method, outcome, verdict)
+                    return self._attempted(outcome, member)
+                if self._ran_out(outcome, limit):
+                    return deadline.ran_out(outcome, self.made(), member)
+                move = _move(policy, route, self.retry, self.ureq.method, outcome, verdict)
                 if move is None or (deadline is not None and deadline.passed_after(move.wait)):
-                    return _attempted(outcome, retry, member)  # the last outcome stands
+                    return self._attempted(outcome, member)  # the last outcome stands
                 try:
                     member = route.repeat() if verdict == RETRY else route.next()
                 except NoLiveUpstream:  # every member is down now: the last outcome stands, no retry made
-                    return _attempted(outcome, retry, member)
-                retry = move.retry  # counted once it has a member to go to
+                    return self._attempted(outcome, member)
+                self.retry = move.retry  # counted once it has a member to go to
                 _wait(route, outcome, move.wait)
             except BaseException:
                 if isinstance(outcome, UpstreamReply):
                     outcome.close()
                 raise
 
-    def _attempt(self, route: FixedRoute | PoolRoute, member: Upstream, ureq: UpstreamRequest,
-                 headers: urllib3.HTTPHeaderDict | None, timeout: urllib3.Timeout, upgrade: str | None,
-                 shape: Shape | None, judge: Judge | None,
-                 retry: Retry | None) -> tuple[UpstreamReply | AttemptFailed, str | None]:
-        """One attempt on ``member``: one try on its connections, ended whatever it raised; its verdict, if judged."""
-        if shape is not None:
-            ureq, headers = _shaped(route, shape, ureq, member)
+    def resume(self, ask: Ask, check: Check) -> UpstreamReply | None:
+        """Attempts that carry on a stream whose head went out: a reply whose first units ``check`` read, or None.
+
+        Each uses an attempt of the policy and goes to the next live member
+        (the order of ``first``), no sooner asked than ``ask(member)`` gives
+        its request (None: not to go on); a reply goes on only when ``check``
+        accepts it and its status is below 300. No wait between them: a
+        client is waiting mid-answer. None once attempts, members or the
+        deadline are spent, or ``ask`` declines.
+        """
+        route, deadline = self.route, self.deadline
+        while True:
+            counted = next_retry(self.policy, self.retry, self.ureq.method, error=_RESUMING)
+            if counted is None or (deadline is not None and deadline.passed_after(0)):
+                return None
+            try:
+                member = route.next()
+            except NoLiveUpstream:
+                return None
+            self.retry = counted
+            try:
+                ureq = ask(member)
+            except BaseException:
+                route.abandoned()
+                raise
+            if ureq is None:
+                route.abandoned()
+                return None
+            limit = self.timeout if deadline is None else deadline.cut(self.timeout)
+            outcome, verdict = self._attempt(member, ureq, None if self.shape else wire_headers(ureq), limit, check)
+            if isinstance(outcome, UpstreamReply):
+                if verdict in (ACCEPT, None) and outcome.status < 300:
+                    return outcome
+                outcome.close()
+
+    def made(self) -> int:
+        """Attempts made so far, the one under way included."""
+        return len(self.retry.history) + 1 if self.retry is not None else 1
+
+    def _attempted(self, outcome: UpstreamReply | AttemptFailed, member: Upstream) -> Attempted:
+        retries = self.made() - 1
+        if isinstance(outcome, AttemptFailed):
+            return Attempted(None, outcome.error, retries, member)
+        return Attempted(outcome, None, retries, member)
+
+    def _ran_out(self, outcome: UpstreamReply | AttemptFailed, limit: urllib3.Timeout) -> bool:
+        """Whether a timeout was the deadline's: the attempt's timeouts were cut to it, or it has (all but) passed."""
+        deadline = self.deadline
+        return (deadline is not None and isinstance(outcome, AttemptFailed)
+                and isinstance(outcome.error, UpstreamTimeout)
+                and (limit is not self.timeout or deadline.passed_after(_DEADLINE_SLACK)))
+
+    def _attempt(self, member: Upstream, ureq: UpstreamRequest, headers: urllib3.HTTPHeaderDict | None,
+                 timeout: urllib3.Timeout, check: Check | None) -> tuple[UpstreamReply | AttemptFailed, str | None]:
+        """One attempt on ``member``: one try on its connections, ended whatever it raised; its verdict, if checked."""
+        route = self.route
+        if self.shape is not None:
+            ureq, headers = _shaped(route, self.shape, ureq, member)
         try:
-            connections = self.connections(member.base)
+            connections = self.transport.connections(member.base)
             target = member.base.join(ureq.path)
             reply = connections.urlopen(
                 ureq.method,
                 target,
                 body=ureq.body or None,
-                headers=RequestHead(ureq.method, target, connections.host_header, headers, upgrade),
+                headers=RequestHead(ureq.method, target, connections.host_header, headers, self.upgrade),
                 retries=ONE_TRY,
                 redirect=False,
                 assert_same_host=False,
@@ -203,9 +303,10 @@ class Transport:
             _end(route, None, f"cut short ({type(exc).__name__}: {exc})")
             raise
         reply.on_release = route.done_later()  # in flight until its connection is released (read, drained, abandoned)
-        verdict = None if judge is None else _judged(route, judge, reply, member, _attempts(retry))
-        _end(route, reply, "", verdict)
-        return reply, verdict
+        if check is None:
+            _end(route, reply, "")
+            return reply, None
+        return _checked(route, check, reply, member, self.made())
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
@@ -253,15 +354,22 @@ def _end(route: FixedRoute | PoolRoute, reply: UpstreamReply | None, reason: str
         route.done()
 
 
-def _judged(route: FixedRoute | PoolRoute, judge: Judge, reply: UpstreamReply, member: Upstream,
-            attempts: int) -> str | None:
-    """The reply's verdict; when judging raised, the reply is abandoned and health hears its status as usual."""
+def _checked(route: FixedRoute | PoolRoute, check: Check, reply: UpstreamReply, member: Upstream,
+             attempts: int) -> tuple[UpstreamReply | AttemptFailed, str | None]:
+    """The reply's verdict, its attempt ended. A reply whose first unit did not come is a failed attempt;
+    when checking raised, the reply is abandoned and health hears its status as usual."""
     try:
-        return judge(reply, member, attempts)
+        verdict = check(reply, member, attempts)
+    except AttemptFailed as failure:
+        reply.close()  # its release ends it in flight
+        route.failed(failure.reason)
+        return failure, None
     except BaseException:
         reply.close()
         route.answered(reply.status)
         raise
+    _end(route, reply, "", verdict)
+    return reply, verdict
 
 
 class Move(NamedTuple):
@@ -320,15 +428,3 @@ def _wait(route: FixedRoute | PoolRoute, outcome: UpstreamReply | AttemptFailed,
     except BaseException as exc:
         _end(route, None, f"cut short before its attempt ({type(exc).__name__}: {exc})")
         raise
-
-
-def _attempts(retry: Retry | None) -> int:
-    """Attempts made so far, the one under way included."""
-    return len(retry.history) + 1 if retry is not None else 1
-
-
-def _attempted(outcome: UpstreamReply | AttemptFailed, retry: Retry | None, member: Upstream) -> Attempted:
-    retries = _attempts(retry) - 1
-    if isinstance(outcome, AttemptFailed):
-        return Attempted(None, outcome.error, retries, member)
-    return Attempted(outcome, None, retries, member)

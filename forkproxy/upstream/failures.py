@@ -104,3 +104,12 @@ def body_error(exc: BaseException) -> ProxyError:
     if isinstance(exc, IncompleteRead):
         return BadUpstreamResponse("the upstream's body ended short of its length")
     return BadUpstreamResponse("the upstream broke off the body")
+
+
+class NoFirstUnit(AttemptFailed):
+    """A streamed reply's head came, but not its first unit: none within ``first_byte_timeout`` (504), or the
+    body broke before one (502). The request went out: it may have been processed."""
+
+    @classmethod
+    def late(cls, seconds: float, cause: BaseException) -> "NoFirstUnit":
+        return cls(UpstreamTimeout(f"the upstream sent no first unit within {seconds:g}s of its head"), cause)
