@@ -405,10 +405,10 @@ def _resume(proxy: Gateway, trip: Trip) -> Resume:
             _check_upstream_request(own)
             return own
         trip.primed = None
-        reply = attempts.resume(ask, check)
-        if reply is None:
+        if attempts.resume(ask, check) is None:
             return None
-        trip.member = trip.primed.member
+        trip.member, trip.ures.attempts = trip.primed.member, attempts.made()
+        note(trip)  # the access log names the member relayed last, and the attempts made
         return trip.primed
     return resume
 

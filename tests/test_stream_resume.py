@@ -30,7 +30,8 @@ def providers(*specs):
 @contextmanager
 def gateway(members, **env):
     g = Gunicorn("tests.apps.resuming:app", env={"TEST_MEMBERS": json.dumps(members),
-                                                  **{f"TEST_{k.upper()}": str(v) for k, v in env.items()}}).start()
+                                                  **{k if k.startswith("FORKPROXY_") else f"TEST_{k.upper()}": str(v)
+                                                     for k, v in env.items()}}).start()
     try:
         yield g
     finally:
@@ -130,10 +131,13 @@ def test_without_first_byte_timeout_the_head_goes_out_at_once():
 # -- resume_stream ---------------------------------------------------------------------------------------------
 
 def test_a_stream_cut_mid_way_is_resumed_at_the_next_member_and_the_answer_arrives_whole_once():
-    with providers(("a", None), ("b", {"resume": True})) as ((a, b), members), gateway(members, resume=1) as g:
+    with providers(("a", None), ("b", {"resume": True})) as ((a, b), members), \
+            gateway(members, resume=1, FORKPROXY_ACCESS_LOG_FORMAT="json") as g:
         a.next(Fault.cut(5))
         got = Streamed(g)
         assert not got.cut and got.text == ANSWER  # no token lost, none twice
+        record = json.loads(g.wait_for_log(r'\{"remote".*"/v1/chat/completions".*\}').group(0))
+        assert (record["upstream"], record["retries"]) == ("b", 1)  # the access log names the member relayed last
         assert got.fingerprints[:5] == ["a"] * 5 and set(got.fingerprints[5:]) == {"b"}
         assert got.end["resumes"] == 1 and got.end["upstream"] == "b" and not got.end["errored"]
         assert got.end["asked"] == ["b"]
@@ -187,12 +191,12 @@ def test_resume_uses_the_requests_attempts_so_one_attempt_never_asks():
         assert got.cut and got.end["asked"] == [] and not b.calls
 
 
-def test_after_a_resumed_stream_no_member_is_left_in_flight_and_the_cut_one_was_not_marked_down():
-    with providers(("a", None), ("b", {"resume": True})) as ((a, b), members), gateway(members, resume=1) as g:
+def test_after_a_resumed_stream_no_attempt_is_left_in_flight_and_only_the_failed_start_counts_in_health():
+    with providers(("a", None), ("b", {"resume": True}), ("c", {"resume": True})) as ((a, b, c), members), \
+            gateway(members, resume=1, attempts=4, idle=1) as g:
         a.next(Fault.cut(5))
-        assert Streamed(g).end["resumes"] == 1
-        # least_busy is not set: round robin; both answer again, so neither is down or held in flight
-        for _ in range(4):
-            got = Streamed(g)
-            assert got.text == ANSWER and got.end["resumes"] == 0
-        assert len(a.calls) >= 2 and len(b.calls) >= 2
+        b.next(Fault.slow_first_token(8))  # no first unit within stream_idle_timeout: a failed attempt
+        got = Streamed(g)
+        assert got.text == ANSWER and got.end["asked"] == ["b", "c"]
+        assert got.end["in_flight"] == [0, 0, 0]  # the cut, the failed and the relayed attempt all ended
+        assert got.end["live"] == [True, False, True]  # a answered (then broke); b never sent a unit

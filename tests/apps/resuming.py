@@ -7,7 +7,8 @@ the attempts (POST included: retry_methods). ``on_stream_chunk`` keeps the answe
 TEST_RESUME=1 registers ``resume_stream``: it resumes at members whose meta has ``"resume": true`` with the
 text delivered so far as a trailing assistant message (a prefill), and records each member asked.
 TEST_JUDGE=1 registers ``judge_reply``: it records the first unit it was shown and accepts.
-``on_stream_end`` writes one SSE comment with what the stream saw: ``: end {json}``.
+``on_stream_end`` writes one SSE comment with what the stream saw, and the pool's in-flight counts and
+health then: ``: end {json}``.
 """
 import json
 import os
@@ -43,7 +44,8 @@ class Resuming(Proxy):
     def on_stream_end(self, req, out, stats):
         seen = {"resumes": stats.resumes, "upstream": stats.upstream, "status": stats.status,
                 "errored": stats.errored, "error": stats.error.type if stats.error else None,
-                "asked": req.ivars["asked"], "judged": req.ivars["judged"], "chunks": stats.chunk_count}
+                "asked": req.ivars["asked"], "judged": req.ivars["judged"], "chunks": stats.chunk_count,
+                "in_flight": POOL.in_flight, "live": [h.live for h in POOL.health]}
         out.write(f": end {json.dumps(seen)}\n\n")
 
 
