@@ -3,6 +3,7 @@
 The upstream here is a raw counter: it records every request it parses, so a
 test can prove it never parsed more requests than the client sent.
 """
+import json
 import socket
 import threading
 import time
@@ -138,3 +139,14 @@ def test_clients_vanishing_mid_request_leak_no_connections(counted):
         time.sleep(0.1)
     assert client_connections(worker, counted.port) == 0, "the worker still holds connections of gone clients"
     assert open_fds(worker) < 40  # and the upstream side is pooled, not piling up
+
+
+def test_a_broken_chunked_upload_is_400_whose_message_names_no_error_text_and_the_log_keeps_it(counted):
+    marker = uuid.uuid4().hex
+    reply = raw(counted.url, f"POST /broken/{marker} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             f"5\r\nhello\r\nzz\r\n".encode(), timeout=5)
+    assert status_of(reply) == 400
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert body == {"error": {"message": "malformed or incomplete request body", "type": "bad_request"}}
+    counted.wait_for_log(rf"POST /broken/{marker} -> 400 bad_request: malformed or incomplete request body \(\w+")
+    assert not [line for line, _, _ in counted.seen if marker in line]

@@ -155,4 +155,6 @@ def _read(stream, size: int, timeout: float) -> bytes:
     except TimeoutError:
         raise BadRequest(f"request body stalled for {timeout:g} s") from None
     except Exception as exc:  # a socket error, or the server's own (gunicorn's NoMoreData, bad chunk)
-        raise BadRequest(f"malformed or incomplete request body: {type(exc).__name__} {exc}") from None
+        refused = BadRequest("malformed or incomplete request body")
+        refused.detail = f"{type(exc).__name__}: {exc}"  # the log line's: an OS error is never the client's
+        raise refused from None
