@@ -176,3 +176,14 @@ def test_a_body_that_cannot_be_relayed_exactly_is_refused(head):
 def test_conflicting_or_malformed_content_length_is_refused(value):
     with pytest.raises(HTTPException):
         _framing(b"HTTP/1.1 200 OK\r\nContent-Length: " + value + b"\r\n")
+
+
+def test_interim_heads_are_skipped_up_to_a_bound_and_an_endless_run_of_them_is_a_bad_head():
+    from forkproxy.http.wire import MAX_INTERIM_HEADS
+
+    hint = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    status, headers, rest = _head(b"HTTP/1.1 100 Continue\r\n\r\n" + hint * (MAX_INTERIM_HEADS - 1) + final)
+    assert (status.status, headers, rest) == (200, [("Content-Length", "2")], b"ok")
+    with pytest.raises(HTTPException, match="interim"):
+        read_head(_reader(hint * (MAX_INTERIM_HEADS + 1) + final))

@@ -25,6 +25,7 @@ from forkproxy.http.headers import TOKEN, TOKEN_RE, connection_named, header_dic
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
+MAX_INTERIM_HEADS = 16  # 1xx heads before the final one: more is an upstream that never answers
 # Control characters other than HTAB: CR, LF and NUL could smuggle a header, and gunicorn
 # refuses every one of them in a reply header (its start_response would fail outside
 # forkproxy's error handling), so a head holding one is refused here, as a 502.
@@ -129,11 +130,16 @@ def _field(text: str) -> tuple[str, str]:
 
 
 def read_head(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict]:
-    """The final response head; interim 1xx heads (100 Continue, 103) are skipped."""
-    while True:
+    """The final response head; interim 1xx heads (100 Continue, 103) are skipped, up to ``MAX_INTERIM_HEADS``.
+
+    Each head is read within the read timeout, so without the bound an
+    upstream sending 103s without end would hold the request for ever.
+    """
+    for _ in range(MAX_INTERIM_HEADS + 1):
         status, headers = _read_whole_head(fp) or _read_head_by_lines(fp)
         if not 100 <= status.status < 200 or status.status == 101:
             return status, headers
+    raise HTTPException(f"more than {MAX_INTERIM_HEADS} interim 1xx heads")
 
 
 def _read_whole_head(fp: BinaryIO) -> tuple[StatusLine, HTTPHeaderDict] | None:
