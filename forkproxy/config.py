@@ -175,6 +175,13 @@ def _flag(name: str, value: Any) -> bool:
     raise ConfigError(f"{name}: must be true or false: {value!r}")
 
 
+def _tracing(name: str, value: Any) -> bool | None:
+    """None (on when OpenTelemetry's own variables name an exporter), or a flag."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    return _flag(name, value)
+
+
 # -- the records ------------------------------------------------------------------------
 
 # In the order of the README's table of variables.
@@ -229,6 +236,9 @@ SETTINGS: tuple[Setting, ...] = (
             "where rate-limit counts live: `local` (or `local:PATH`), or a `redis://` / `rediss://` URL"),
     Setting("limits_timeout", PROXY, None, _SECONDS, 0.05,
             "seconds the rate-limit store may take to answer"),
+    Setting("tracing", PROXY, "FORKPROXY_TRACING", _tracing, None,
+            "OpenTelemetry traces (needs `forkproxy[otel]`): `true`, `false`; unset: on when "
+            "`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_TRACES_EXPORTER` is set", shown="auto"),
     Setting("limits_fail_open", PROXY, None, _flag, True,
             "whether a request goes through uncounted when the store fails (else 503)"),
     Setting("bind", SERVER, "FORKPROXY_BIND", _text, "127.0.0.1:8080", "gunicorn bind address"),

@@ -87,9 +87,10 @@ class NoLiveUpstream(ProxyError):
 class RateLimited(ProxyError):
     status, type = 429, "rate_limited"
 
-    def __init__(self, message: str, headers: list[tuple[str, str]]) -> None:
+    def __init__(self, message: str, headers: list[tuple[str, str]], limit: str = "") -> None:
         super().__init__(message)
         self.headers = headers
+        self.limit = limit  # the name of the limit that refused it (a key's prefix, never the key)
 
 
 class LimitsUnavailable(ProxyError):

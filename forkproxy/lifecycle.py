@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 import urllib3
 
-from forkproxy.errors import BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError
+from forkproxy.errors import (BadRequest, BadUpstreamResponse, HookError, InternalError, PayloadTooLarge, ProxyError,
+                              RateLimited)
 from forkproxy.hooks import call
 from forkproxy.http import handshake, headers as header_rules
 from forkproxy.limits.gcra import Limit
@@ -39,6 +40,7 @@ from forkproxy.relay.stream import Primed, Resume, StreamHooks, StreamRelay, Str
 from forkproxy.relay.tunnel import Tunnel, TunnelHooks, TunnelSettings
 from forkproxy.server.inbound import REQUEST_ID_HEADER, read_request_body, request_from_environ, request_id
 from forkproxy.server import takeover
+from forkproxy.tracing import NO_TRACE
 from forkproxy.server.worker import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS,
                                      ENV_UPSTREAM_TIME, close_connection_after)
 from forkproxy.upstream.attempts import VERDICTS, Attempted, Attempts, Check, Deadline, Shape
@@ -99,7 +101,7 @@ class Trip:
     """What one request carries from step to step: the hooks' objects, its timings, how its attempts went."""
 
     __slots__ = ("environ", "req", "res", "ures", "ureq", "upgrade", "stream_wanted", "received", "started",
-                 "attempts", "member", "primed", "answered_by_hook", "close_after", "body_read", "counted")
+                 "attempts", "member", "primed", "answered_by_hook", "close_after", "body_read", "counted", "trace")
 
     def __init__(self, environ: dict) -> None:
         self.environ = environ
@@ -118,6 +120,7 @@ class Trip:
         self.close_after = False  # unread request bytes may be left: the connection is not reused
         self.body_read = False  # judge_reply was shown the reply's (error) body: it is in ures.body, to be buffered
         self.counted = False  # its reply is in the answered metric (once: a counter cannot be taken back)
+        self.trace: Any = NO_TRACE  # its trace (``forkproxy.tracing``): the SERVER span, its attempts' CLIENT spans
 
 
 class ClientReply(NamedTuple):
@@ -138,6 +141,9 @@ class Tunnelled(NamedTuple):
 
 def serve(proxy: Gateway, environ: dict, start_response: Callable) -> Iterable[bytes]:
     trip = Trip(environ)
+    tracer = proxy.tracer
+    if tracer.enabled:  # off: this one check is the whole cost
+        trip.trace = tracer.request(environ, proxy.trusted())
     try:
         outcome = handle(proxy, trip)
     except Exception:  # a bug in forkproxy itself: still the contract's JSON, the traceback logged
@@ -174,6 +180,7 @@ def handle(proxy: Gateway, trip: Trip) -> ClientReply | Tunnelled:
 def receive(proxy: Gateway, trip: Trip) -> None:
     """The request out of the environ: its target (400 if not a path), its id, an upgrade asked for, its body."""
     req, refused = request_from_environ(trip.environ)
+    req.span = trip.trace.span  # before any hook runs
     req.request_id = request_id(header_rules.get(req.headers, REQUEST_ID_HEADER))
     trip.req = req
     if refused is not None:
@@ -208,7 +215,12 @@ def limit(proxy: Gateway, trip: Trip) -> None:
         return
     if not isinstance(limits, (list, tuple)) or not all(isinstance(one, Limit) for one in limits):
         raise HookError(f"rate_limits must return a list of Limit, not {_kind(limits)}")  # never a key
-    trip.req.rate_limit_headers = proxy.limiter.take(limits)  # raises RateLimited, LimitsUnavailable
+    try:
+        trip.req.rate_limit_headers = proxy.limiter.take(limits)  # raises RateLimited, LimitsUnavailable
+    except RateLimited as refused:
+        trip.trace.limited(limits, refused.limit)
+        raise
+    trip.trace.limited(limits)
 
 
 def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
@@ -222,7 +234,8 @@ def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
     trip.started = time.monotonic()
     shape = _before_attempt(proxy, req) if proxy.overridden("before_attempt") else None
     trip.attempts = proxy.transport.attempts(route, trip.ureq, policy, timeouts(proxy), trip.upgrade, shape,
-                                             _check(proxy, trip, proxy.first_byte_timeout), _deadline(trip))
+                                             _check(proxy, trip, proxy.first_byte_timeout), _deadline(trip),
+                                             trip.trace)
     attempted = trip.attempts.first()
     _attempted(trip, attempted)
     if attempted.error is not None:
@@ -235,11 +248,12 @@ def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
 def tunnel(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> Tunnelled:
     """A 101: the connection becomes a tunnel (``relay.tunnel``), which writes the client's 101 itself."""
     note(trip)
+    trip.trace.status(101)
     hooks = TunnelHooks(proxy.on_ws_message if proxy.wants_messages() else None, proxy.on_tunnel_end)
     settings = TunnelSettings(proxy.tunnel_idle_timeout, proxy.max_ws_message_bytes)
     try:
         return Tunnelled(Tunnel(trip.req, reply, trip.member, trip.upgrade, own_fields(trip.req), hooks,
-                                settings))
+                                settings, trip.trace))
     except BaseException:
         reply.close()  # nobody else will: the tunnel never took the connection
         raise
@@ -252,8 +266,9 @@ def stream(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> ClientReply:
     primed = trip.primed if trip.primed is not None and trip.primed.reply is reply else None
     resume = _resume(proxy, trip) if proxy.overridden("resume_stream") else None
     try:
-        relay = StreamRelay(trip.req, reply, trip.member, hooks, stream_settings(proxy), primed, resume)
+        relay = StreamRelay(trip.req, reply, trip.member, hooks, stream_settings(proxy), primed, resume, trip.trace)
         status, fields = relay.head()
+        trip.trace.status(status)
     except BaseException:
         reply.close()  # nobody else will: the relay never took the connection
         raise
@@ -299,6 +314,7 @@ def answer(proxy: Gateway, trip: Trip) -> ClientReply:
     if trip.close_after:
         body = close_connection_after(body, trip.environ)
     _count(trip, res.status, ures.error)
+    trip.trace.answered(res.status, ures.error.type if ures.error else None)  # after after_forward: its attributes
     return ClientReply(res.status, fields, body)
 
 
@@ -564,10 +580,12 @@ def _last_resort_fields(trip: Trip, err: ProxyError) -> list[tuple[str, str]]:
     finds the log line. Should recording raise (the trip may be what broke), the reply goes out all the same."""
     fields = _json_fields(err.body())
     if trip.req is None:  # no request id yet (the environ itself was unusable)
+        trip.trace.answered(err.status, err.type)
         return fields
     try:
         note(trip)
         _count(trip, err.status, err)
+        trip.trace.answered(err.status, err.type)  # nothing when answer ended it already
         return fields + own_fields(trip.req)
     except Exception:
         log.exception("[%s] recording the %d reply failed", trip.req.request_id, err.status)

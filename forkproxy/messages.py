@@ -8,6 +8,7 @@ from urllib.parse import unquote
 from urllib3 import HTTPHeaderDict
 
 from forkproxy.errors import ProxyError
+from forkproxy.tracing import NO_SPAN
 
 
 def _as_bytes(data: bytes | str) -> bytes:
@@ -26,6 +27,7 @@ class Request:
 
     rate_limit_headers: "Sequence[tuple[str, str]]" = ()  # RateLimit-Policy/RateLimit for the reply, once limited
     deadline: float = 0.0  # seconds from received to reply accepted (the setting; a hook may change it), 0 = none
+    span: Any = NO_SPAN  # the request's OpenTelemetry span (SERVER): hooks set_attribute on it; a no-op when off
 
     def __init__(
         self,

@@ -49,6 +49,8 @@ class Metrics:
                                  ["upstream"], multiprocess_mode="min")
         self.marked_down = Counter("forkproxy_upstream_marked_down_total", "Times a pool member was marked down",
                                    ["upstream"])
+        self.traces_dropped = Counter("forkproxy_traces_dropped_total", "Spans not exported, by reason: "
+                                      "queue_full, export_failed, shutdown", ["reason"])
 
     @classmethod
     def from_env(cls) -> "Metrics":

@@ -7,8 +7,10 @@ resources a request uses (the upstream connections, the limits store).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable
 
+from forkproxy.tracing import OFF, TracingUnavailable, for_worker
 from forkproxy.config import DEFAULTS, check_settings
 from forkproxy.hooks import HOOK_NAMES
 from forkproxy.http import headers as header_rules
@@ -22,6 +24,8 @@ from forkproxy.server.worker import default_trusted
 from forkproxy.upstream.attempts import Transport
 from forkproxy.upstream.members import Upstream, UpstreamPool
 from forkproxy.upstream.retry import RetryPolicy
+
+log = logging.getLogger("forkproxy")
 
 
 class Proxy:
@@ -46,6 +50,7 @@ class Proxy:
         self.upstream = checked["upstream"]
         self._transport: Transport | None = None
         self._limiter: Limiter | None = None
+        self._tracer: Any = None
 
     # -- hooks -------------------------------------------------------------
 
@@ -135,6 +140,17 @@ class Proxy:
             self._transport = Transport(pool_maxsize=self.pool_maxsize, ca_certs=self.ca_certs,
                                         idle_timeout=self.pool_idle_timeout)
         return self._transport
+
+    @property
+    def tracer(self) -> Any:
+        """This worker's tracing (``forkproxy.tracing.OFF`` when off), made on first use, after the fork."""
+        if self._tracer is None:
+            try:
+                self._tracer = for_worker(self.tracing)
+            except TracingUnavailable as exc:  # a worker refuses to start so; elsewhere, said once
+                log.error("forkproxy: %s; traces are off", exc)
+                self._tracer = OFF
+        return self._tracer
 
     @property
     def limiter(self) -> Limiter:

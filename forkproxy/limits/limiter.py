@@ -140,7 +140,7 @@ def _refusal(limit: Limit, why: str, pairs: list[tuple[str, str]]) -> RateLimite
     counters = metrics()
     if counters.enabled:
         counters.rate_limited.labels(limit.name).inc()
-    return RateLimited(f"rate limit {limit.name!r} {why}", pairs)
+    return RateLimited(f"rate limit {limit.name!r} {why}", pairs, limit.name)
 
 
 def _count_store_error(exc: Exception | None) -> None:

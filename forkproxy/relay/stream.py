@@ -44,6 +44,7 @@ from forkproxy.metrics import metrics
 from forkproxy.relay.heartbeat import HEARTBEAT, Units, paced
 from forkproxy.server import shutdown
 from forkproxy.server.inbound import REQUEST_ID_HEADER
+from forkproxy.tracing import NO_TRACE
 from forkproxy.upstream.failures import NoFirstUnit, body_error
 from forkproxy.upstream.members import Upstream
 from forkproxy.upstream.reply import UpstreamReply
@@ -131,11 +132,14 @@ class StreamRelay:
 
     ``primed``: the reply's first units, read before it was accepted.
     ``resume``: asked for a reply to go on with when the reply fails.
+    ``trace``: the request's trace, told of the first unit and of the end.
     """
 
     def __init__(self, req: Request, reply: UpstreamReply, member: Upstream, hooks: StreamHooks,
-                 settings: StreamSettings, primed: Primed | None = None, resume: Resume | None = None) -> None:
+                 settings: StreamSettings, primed: Primed | None = None, resume: Resume | None = None,
+                 trace: Any = NO_TRACE) -> None:
         self.req = req
+        self.trace = trace
         self.reply = reply
         self.member = member
         self.hooks = hooks
@@ -203,6 +207,8 @@ class StreamRelay:
                                 continue
                             stats.byte_count += len(unit)
                             stats.chunk_count += 1
+                            if stats.chunk_count == 1:
+                                self.trace.first_unit()
                             try:
                                 on_chunk(unit, out, stats)
                             except Exception as exc:
@@ -301,6 +307,7 @@ class StreamRelay:
             counters.answered(req.method, self.reply.status, self.member.name,
                               "stream_cut" if stats.errored else None)
         call_after_head(self.hooks.on_end, describe(req), req, self.out, stats)
+        self.trace.stream_ended(stats, end.error.type if end.error else None)  # after on_end: its attributes
 
     # -- reading units ---------------------------------------------------------
     #

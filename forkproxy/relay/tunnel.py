@@ -41,6 +41,7 @@ from forkproxy.metrics import metrics
 from forkproxy.relay.wsmessages import MessageHook, MessageRelay
 from forkproxy.server import shutdown, takeover
 from forkproxy.server.worker import ENV_BYTES_IN, log_access
+from forkproxy.tracing import NO_TRACE
 from forkproxy.upstream.members import Upstream
 from forkproxy.upstream.reply import UpstreamReply
 
@@ -104,9 +105,12 @@ class Tunnel:
     """One tunnel: made once the upstream answered 101, run in the request's greenlet."""
 
     def __init__(self, req: Request, reply: UpstreamReply, member: Upstream, upgrade: str,
-                 own_fields: list[tuple[str, str]], hooks: TunnelHooks, settings: TunnelSettings) -> None:
-        """``own_fields``: forkproxy's own fields for the client's 101 (its request id, RateLimit fields)."""
+                 own_fields: list[tuple[str, str]], hooks: TunnelHooks, settings: TunnelSettings,
+                 trace: Any = NO_TRACE) -> None:
+        """``own_fields``: forkproxy's own fields for the client's 101 (its request id, RateLimit fields);
+        ``trace``: the request's trace, told of the end."""
         self.req = req
+        self.trace = trace
         self.reply = reply
         self.member = member
         self.own_fields = own_fields
@@ -294,6 +298,7 @@ class Tunnel:
             counters.tunnel_ended(stats.bytes_from_client, stats.bytes_from_upstream)
             counters.answered(req.method, 101, self.member.name, "tunnel_cut" if stats.errored else None)
         call_after_head(self.hooks.on_end, describe(req), req, stats)
+        self.trace.tunnel_ended(stats)  # after on_end: its attributes
         environ = req.environ
         environ[ENV_BYTES_IN] = stats.bytes_from_client
         log_access(environ, f"101 {self.reply.reason or 'Switching Protocols'}", stats.bytes_from_upstream,

@@ -23,6 +23,7 @@ from gevent import GreenletExit
 
 _POLL = 0.25
 _open: set["Stoppable"] = set()
+_stopped_at: float | None = None  # when this worker saw its stop (monotonic)
 
 
 class Stoppable(Protocol):
@@ -54,13 +55,25 @@ def watch(worker: Any) -> None:
 
 
 def _watch(worker: Any, graceful_timeout: float) -> None:
+    global _stopped_at
     while worker.alive:
         gevent.sleep(_POLL)
+    _stopped_at = time.monotonic() - _POLL  # the stop came up to one poll before
     spare = min(2.0, graceful_timeout / 2)  # for the hooks of the streams cut (billing, logs)
     deadline = time.monotonic() + graceful_timeout - spare - _POLL
     while _open and time.monotonic() < deadline:
         gevent.sleep(0.1)
     stop_all(spare)
+
+
+def time_left(graceful_timeout: float) -> float:
+    """Seconds until the master kills this stopping worker, less a margin: what a last flush may take.
+
+    A stop this worker did not see (SIGQUIT, an error) gets a short flush.
+    """
+    if _stopped_at is None:
+        return min(2.0, graceful_timeout / 2)
+    return max(_stopped_at + graceful_timeout - time.monotonic() - 0.25, 0.1)
 
 
 def stop_all(timeout: float) -> None:

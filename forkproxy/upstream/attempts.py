@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import urllib3
 from urllib3.util.retry import Retry
@@ -41,6 +41,7 @@ from forkproxy.upstream.failures import AttemptFailed, SentNothing
 from forkproxy.upstream.members import BaseURL, FixedRoute, PoolRoute, Upstream
 from forkproxy.upstream.reply import UpstreamReply
 from forkproxy.upstream.retry import RetryPolicy, may_retry, next_retry, pause
+from forkproxy.tracing import NO_TRACE
 
 # Methods whose empty body is still announced with Content-Length: 0.
 _METHODS_WITH_BODY = frozenset(("POST", "PUT", "PATCH"))
@@ -142,9 +143,9 @@ class Transport:
 
     def attempts(self, route: FixedRoute | PoolRoute, ureq: UpstreamRequest, policy: RetryPolicy,
                  timeout: urllib3.Timeout, upgrade: str | None = None, shape: Shape | None = None,
-                 check: Check | None = None, deadline: Deadline | None = None) -> Attempts:
+                 check: Check | None = None, deadline: Deadline | None = None, trace: Any = NO_TRACE) -> Attempts:
         """The attempts of one request, ready to start (``Attempts.first``)."""
-        return Attempts(self, route, ureq, policy, timeout, upgrade, shape, check, deadline)
+        return Attempts(self, route, ureq, policy, timeout, upgrade, shape, check, deadline, trace)
 
 
 class Attempts:
@@ -156,11 +157,11 @@ class Attempts:
     """
 
     __slots__ = ("transport", "route", "ureq", "policy", "timeout", "upgrade", "shape", "check", "deadline",
-                 "retry", "headers")
+                 "trace", "retry", "headers", "sent")
 
     def __init__(self, transport: Transport, route: FixedRoute | PoolRoute, ureq: UpstreamRequest,
                  policy: RetryPolicy, timeout: urllib3.Timeout, upgrade: str | None, shape: Shape | None,
-                 check: Check | None, deadline: Deadline | None) -> None:
+                 check: Check | None, deadline: Deadline | None, trace: Any = NO_TRACE) -> None:
         self.transport = transport
         self.route = route
         self.ureq = ureq
@@ -170,8 +171,10 @@ class Attempts:
         self.shape = shape  # before_attempt: each attempt's own request, made from ureq (which stays as it is)
         self.check = check  # judge_reply and the first unit: each reply head's verdict, or its AttemptFailed
         self.deadline = deadline
+        self.trace = trace  # the request's trace: a CLIENT span per attempt (``forkproxy.tracing``)
         self.retry: Retry | None = None  # urllib3's count of the retries made, from the first on
         self.headers: urllib3.HTTPHeaderDict | None = None  # ureq's on the wire, when no shape makes them per attempt
+        self.sent = 0  # attempts begun (failovers from a member sent nothing included): the next one's resend count
 
     def first(self) -> Attempted:
         """Make the attempts the request gets; the reply's body is still unread (unless ``check`` read some).
@@ -282,6 +285,10 @@ class Attempts:
         route = self.route
         if self.shape is not None:
             ureq, headers = _shaped(route, self.shape, ureq, member)
+        # Its traceparent goes into the headers just before they are encoded: without a shape they are
+        # one dict for every attempt, and each attempt overwrites it with its own.
+        span = self.trace.attempt(member, ureq.method, self.sent, headers)
+        self.sent += 1
         try:
             connections = self.transport.connections(member.base)
             target = member.base.join(ureq.path)
@@ -297,16 +304,28 @@ class Attempts:
                 release_conn=False,
             )
         except AttemptFailed as failure:
+            span.end(0, failure.error.type)
             _end(route, None, failure.reason)
             return failure, None
         except BaseException as exc:  # not the upstream's doing (a bug, the worker stopping): ended all the same
+            span.end(0, type(exc).__name__)
             _end(route, None, f"cut short ({type(exc).__name__}: {exc})")
             raise
         reply.on_release = route.done_later()  # in flight until its connection is released (read, drained, abandoned)
         if check is None:
+            span.end(reply.status)
             _end(route, reply, "")
             return reply, None
-        return _checked(route, check, reply, member, self.made())
+        try:
+            outcome, verdict = _checked(route, check, reply, member, self.made())
+        except BaseException as exc:
+            span.end(reply.status, exc.type if isinstance(exc, ProxyError) else type(exc).__name__)
+            raise
+        if isinstance(outcome, AttemptFailed):
+            span.end(reply.status, outcome.error.type)
+        else:
+            span.end(reply.status, None, verdict)
+        return outcome, verdict
 
 
 def wire_headers(ureq: UpstreamRequest) -> urllib3.HTTPHeaderDict:
