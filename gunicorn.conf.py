@@ -45,14 +45,15 @@ timeout = 30
 # Behind nginx on another host, set it to that host's address.
 
 # Access log with what the proxy adds: request ID, upstream status, the upstream (pool member) that
-# answered or was tried last as host:port, upstream seconds, retries; a tunnel's line (status 101,
-# written when it ends) has the bytes from the upstream as %(B)s and those from the client as bytes_in.
+# answered or was tried last as host:port, upstream seconds (a bare number, so that a reply no upstream
+# answered shows `-`, not `-s`), retries; a tunnel's line (status 101, written when it ends) has the
+# bytes from the upstream as %(B)s and those from the client as bytes_in.
 accesslog = _given["access_log"]
 access_log_format = (
     '%(h)s "%(r)s" %(s)s %(B)s %(L)ss '
     'id=%({forkproxy.request_id}e)s '
     'upstream=%({forkproxy.upstream_status}e)s '
-    'upstream_time=%({forkproxy.upstream_time}e)ss '
+    'upstream_time=%({forkproxy.upstream_time}e)s '
     'retries=%({forkproxy.retries}e)s '
     'upstream_addr=%({forkproxy.upstream}e)s '
     'bytes_in=%({forkproxy.bytes_in}e)s'
@@ -105,3 +106,17 @@ def post_worker_init(worker):
     from forkproxy.server.worker import configure_worker
 
     configure_worker(worker)
+
+
+def worker_exit(server, worker):
+    """Flush this worker's spans before it goes, within what is left of graceful_timeout.
+
+    The master calls this too, for a worker already gone: nothing to flush
+    there, and the master must not import gevent.
+    """
+    if os.getpid() != worker.pid:
+        return
+    from forkproxy.server.shutdown import time_left
+    from forkproxy.tracing import shutdown_worker
+
+    shutdown_worker(time_left(float(worker.cfg.graceful_timeout)))

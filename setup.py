@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["forkproxy", "forkproxy.*"]),
+    package_data={"forkproxy": ["py.typed"]},  # the public API's type hints are for type checkers (PEP 561)
     python_requires=">=3.10",
     # The releases the suite runs against. forkproxy overrides parts of urllib3's pools
     # and gunicorn's logger, and times its shutdown to gunicorn's: .ci/run also runs the
@@ -24,8 +25,15 @@ setup(
         "wsproto>=1.2,<2",  # WebSocket framing for tunnels with message hooks
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "trustme", "websockets>=13"],
+        # The traces' tests run the SDK against a real OTLP receiver that decodes with opentelemetry-proto.
+        "test": ["pytest>=8", "pytest-timeout", "trustme", "websockets>=13",
+                 "opentelemetry-api>=1.45,<2", "opentelemetry-sdk>=1.45,<2",
+                 "opentelemetry-exporter-otlp-proto-http>=1.45,<2", "opentelemetry-proto>=1.45,<2"],
         "bench": ["werkzeug", "proxy.py", "py-spy"],
+        # Traces (forkproxy[otel]): imported only when tracing is on.
+        "otel": ["opentelemetry-api>=1.45,<2", "opentelemetry-sdk>=1.45,<2",
+                 "opentelemetry-exporter-otlp-proto-http>=1.45,<2"],
     },
     license="MIT",
+    classifiers=["Typing :: Typed"],
 )

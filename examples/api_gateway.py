@@ -3,6 +3,9 @@
     API_ROUTES="/users=http://127.0.0.1:7001,/orders=http://127.0.0.1:7002/v2" API_TOKENS=token-a,token-b \\
         gunicorn -c gunicorn.conf.py examples.api_gateway:app
 
+or against the bundled demo upstream, with those variables set for it: ``scripts/serve examples.api_gateway:app``.
+API_ROUTES and API_TOKENS are required: without one the start stops with a line naming it.
+
 - auth gate: a request without a known bearer token gets 401 before any upstream is called;
 - path-prefix routing: /users/42 goes to the users service as /42 (rewrite_path strips the
   prefix; the service's own base path, like /v2 above, is kept); an unknown prefix is 404;
@@ -14,7 +17,9 @@ import os
 import sys
 import time
 
-from forkproxy import Proxy
+from forkproxy import Proxy, refuse_start
+
+REQUIRED = {"API_ROUTES": "/users=http://127.0.0.1:7001", "API_TOKENS": "token-a,token-b"}  # with an example
 
 
 def parse_routes(spec: str) -> list[tuple[str, str]]:
@@ -76,6 +81,10 @@ class ApiGateway(Proxy):
 
 
 def from_env(env=os.environ) -> ApiGateway:
+    """The gateway the API_* variables describe; KeyError naming a required one that is unset or empty."""
+    missing = [name for name in REQUIRED if not env.get(name, "").strip()]
+    if missing:
+        raise KeyError(missing[0])
     routes = parse_routes(env["API_ROUTES"])
     gateway = ApiGateway(routes[0][1] if routes else "http://127.0.0.1:9")
     gateway.routes = routes
@@ -87,4 +96,5 @@ def from_env(env=os.environ) -> ApiGateway:
 try:
     app = from_env()
 except KeyError as missing:
-    raise SystemExit(f"examples.api_gateway: set {missing.args[0]}, e.g. API_ROUTES=/users=http://127.0.0.1:7001") from None
+    name = missing.args[0]
+    refuse_start(f"examples.api_gateway: set {name}, e.g. {name}={REQUIRED[name]}")

@@ -3,6 +3,9 @@
     LLM_UPSTREAM=https://api.openai.com LLM_UPSTREAM_KEY=sk-... LLM_CLIENT_KEYS=team-a-key,team-b-key \\
         gunicorn -c gunicorn.conf.py examples.llm_gateway:app
 
+or against the bundled demo upstream, with those variables set for it: ``scripts/serve examples.llm_gateway:app``.
+LLM_UPSTREAM and LLM_CLIENT_KEYS are required: without one the start stops with a line naming it.
+
 - clients present their own key; an unknown one gets 401 in the proxy's error shape;
 - the real upstream key is swapped in, so clients never hold it;
 - requests are routed by model: LLM_ROUTES="gpt-=https://api.openai.com,llama=http://10.0.0.5:8000"
@@ -24,9 +27,10 @@ import os
 import sys
 import time
 
-from forkproxy import Limit, Proxy, RetryPolicy
+from forkproxy import Limit, Proxy, RetryPolicy, refuse_start
 from forkproxy.sse import event_data
 
+REQUIRED = {"LLM_UPSTREAM": "https://api.openai.com", "LLM_CLIENT_KEYS": "team-a-key,team-b-key"}  # with an example
 UNAUTHORIZED = {"error": {"message": "invalid or missing API key", "type": "unauthorized"}}
 
 
@@ -141,6 +145,10 @@ class LLMGateway(Proxy):
 
 
 def from_env(env=os.environ) -> LLMGateway:
+    """The gateway the LLM_* variables describe; KeyError naming a required one that is unset or empty."""
+    missing = [name for name in REQUIRED if not env.get(name, "").strip()]
+    if missing:
+        raise KeyError(missing[0])
     gateway = LLMGateway(env["LLM_UPSTREAM"], timeout=float(env.get("LLM_TIMEOUT", 120)),
                          limits_store=env.get("LLM_LIMITS_STORE", "local"))
     gateway.upstream_key = env.get("LLM_UPSTREAM_KEY", "")
@@ -155,4 +163,5 @@ def from_env(env=os.environ) -> LLMGateway:
 try:
     app = from_env()
 except KeyError as missing:
-    raise SystemExit(f"examples.llm_gateway: set {missing.args[0]}, e.g. LLM_UPSTREAM=https://api.openai.com") from None
+    name = missing.args[0]
+    refuse_start(f"examples.llm_gateway: set {name}, e.g. {name}={REQUIRED[name]}")

@@ -4,6 +4,8 @@
     REALTIME_CLIENT_KEYS=team-a-key,team-b-key \\
         gunicorn -c gunicorn.conf.py examples.realtime_gateway:app
 
+REALTIME_UPSTREAM and REALTIME_CLIENT_KEYS are required: without one the start stops with a line naming it.
+
 - a client opens its session with its own key (``Authorization: Bearer ...``);
   an unknown one gets 401 in the proxy's error shape and no tunnel opens;
 - the real upstream key is swapped in during the handshake, so clients never hold it;
@@ -20,7 +22,9 @@ import os
 import sys
 import time
 
-from forkproxy import Proxy
+from forkproxy import Proxy, refuse_start
+
+REQUIRED = {"REALTIME_UPSTREAM": "https://api.openai.com", "REALTIME_CLIENT_KEYS": "team-a-key,team-b-key"}
 
 UNAUTHORIZED = {"error": {"message": "invalid or missing API key", "type": "unauthorized"}}
 
@@ -75,7 +79,20 @@ def _usage(text: str) -> dict:
     return usage if isinstance(usage, dict) else {}
 
 
-app = RealtimeGateway(os.environ.get("REALTIME_UPSTREAM", "http://127.0.0.1:9000"))
-app.upstream_key = os.environ.get("REALTIME_UPSTREAM_KEY", "")
-app.client_keys = frozenset(k for k in os.environ.get("REALTIME_CLIENT_KEYS", "").split(",") if k)
-app.usage_log = os.environ.get("REALTIME_USAGE_LOG") or None
+def from_env(env=os.environ) -> RealtimeGateway:
+    """The gateway the REALTIME_* variables describe; KeyError naming a required one that is unset or empty."""
+    missing = [name for name in REQUIRED if not env.get(name, "").strip()]
+    if missing:
+        raise KeyError(missing[0])
+    gateway = RealtimeGateway(env["REALTIME_UPSTREAM"])
+    gateway.upstream_key = env.get("REALTIME_UPSTREAM_KEY", "")
+    gateway.client_keys = frozenset(k.strip() for k in env["REALTIME_CLIENT_KEYS"].split(",") if k.strip())
+    gateway.usage_log = env.get("REALTIME_USAGE_LOG") or None
+    return gateway
+
+
+try:
+    app = from_env()
+except KeyError as missing:
+    name = missing.args[0]
+    refuse_start(f"examples.realtime_gateway: set {name}, e.g. {name}={REQUIRED[name]}")

@@ -1,24 +1,14 @@
-"""The settings' records, and what is derived from them: defaults, checks, the environment, the README."""
+"""The settings' records, and what is derived from them: defaults, checks, the environment.
+
+The README's tables are held to the records by tests/test_unit_docs.py.
+"""
 import re
-from pathlib import Path
 
 import pytest
 
 from forkproxy import Proxy
 from forkproxy.config import APP, DEFAULTS, PROXY, SERVER, SETTINGS, ConfigError, env_settings, env_table
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_table(heading: str) -> str:
-    """The first Markdown table under ``heading`` in the README."""
-    section = README.read_text().split(f"\n{heading}\n", 1)[1]
-    lines = section.split("\n|", 1)[1].split("\n\n", 1)[0]
-    return "|" + lines
-
-
-def test_the_readmes_table_of_variables_is_the_one_the_records_make():
-    assert readme_table("## Configuration") == env_table(), "paste forkproxy.config.env_table() into the README"
+from tests.test_unit_docs import doc_table as readme_table  # noqa: F401  (tests/test_unit_hooks.py reads it here)
 
 
 def test_every_variable_belongs_to_one_setting_and_names_it():

@@ -158,6 +158,11 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("gunicorn", _LOGGER, "Logger.access_log_enabled", "server/accesslog.py skips a line when off"),
     Internal("gunicorn", _LOGGER, "Logger._get_user",
              "server/accesslog.py: the %(u)s atom, as gunicorn's own lines have it", _takes("environ")),
+    Internal("gunicorn", "gunicorn.util", "write_error",
+             "server/worker.py replaces it in each worker: gunicorn's refusals (bad request line, headers too "
+             "large) go out as the contract's JSON", _takes("sock", "status_int", "reason", "mesg")),
+    Internal("gunicorn", "gunicorn.util", "write_nonblock", "server/worker.py writes the JSON refusal with it",
+             _takes("sock", "data")),
     Internal("gunicorn", "gunicorn.workers.base", "Worker.handle_exit",
              "server/shutdown.py polls worker.alive, which it clears on SIGTERM", _assigns("alive")),
 )

@@ -5,6 +5,7 @@ from inside a worker, and the rest only reads the WSGI environ.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -55,11 +56,27 @@ def configure_worker(worker: Any) -> None:
         refuse_start(str(exc))
     _server_trusted = TrustedProxies(worker.cfg.forwarded_allow_ips)
     _access_logger = worker.log
+    _answer_refusals_in_json()
     shutdown.watch(worker)
     ours, theirs = logging.getLogger("forkproxy"), logging.getLogger("gunicorn.error")
     ours.handlers = list(theirs.handlers)
     ours.setLevel(theirs.level)
     ours.propagate = False
+    _start_tracing(getattr(worker, "wsgi", None))
+
+
+def _start_tracing(app: Any) -> None:
+    """A Proxy's tracing, made now in the worker (not at its first request): ``tracing=True`` without the
+    extra stops the start with one line."""
+    from forkproxy.tracing import TracingUnavailable, for_worker
+
+    setting = getattr(app, "tracing", False)
+    if setting is False or not hasattr(app, "tracer"):  # not a Proxy, or tracing off
+        return
+    try:
+        for_worker(setting)
+    except TracingUnavailable as exc:
+        refuse_start(str(exc))
 
 
 def refuse_start(message: str) -> NoReturn:
@@ -67,6 +84,42 @@ def refuse_start(message: str) -> NoReturn:
     sys.stderr.write(f"forkproxy: {message}\n")
     sys.stderr.flush()
     raise SystemExit(3)
+
+
+# The contract's type of a request gunicorn refuses before the app runs, by the status gunicorn chose.
+_REFUSAL_TYPES = {431: "headers_too_large", 500: "internal_error"}
+
+
+def refusal(status: int, reason: str, message: str) -> bytes:
+    """The whole reply to a request gunicorn refused, in the contract's JSON error shape.
+
+    gunicorn keeps its status (400 for a malformed request line or framing,
+    414 for a line over ``limit_request_line`` as RFC 9112 asks, 431 for
+    header fields over ``limit_request_fields`` / ``limit_request_field_size``)
+    and its log line with the reason; only the page changes from HTML to JSON.
+    """
+    body = json.dumps({"error": {"message": message or reason,
+                                 "type": _REFUSAL_TYPES.get(status, "bad_request")}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def _answer_refusals_in_json() -> None:
+    """Have gunicorn write its refusals (bad request line, headers too large, ...) as JSON.
+
+    gunicorn's worker answers them in ``handle_error``, which logs the
+    reason, writes the access-log line, then calls ``gunicorn.util.write_error``
+    (looked up at call time) for the HTML page: replacing that one function in
+    this worker keeps gunicorn's status, log and access line. Done here, in
+    the worker, so the master never loads anything of the proxy's.
+    """
+    from gunicorn import util  # its write_error and write_nonblock: checked at start (server/capabilities.py)
+
+    def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+        util.write_nonblock(sock, refusal(int(status_int), reason, mesg))
+
+    util.write_error = write_json_error
 
 
 class _Served(NamedTuple):
