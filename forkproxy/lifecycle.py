@@ -236,7 +236,10 @@ def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
     trip.attempts = proxy.transport.attempts(route, trip.ureq, policy, timeouts(proxy), trip.upgrade, shape,
                                              _check(proxy, trip, proxy.first_byte_timeout), _deadline(trip),
                                              trip.trace)
-    attempted = trip.attempts.first()
+    try:
+        attempted = trip.attempts.first()
+    finally:
+        trip.attempts.check = None  # its closure holds the trip: kept, each request would be a cycle for the GC
     _attempted(trip, attempted)
     if attempted.error is not None:
         raise attempted.error

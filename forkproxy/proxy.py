@@ -150,6 +150,9 @@ class Proxy:
             except TracingUnavailable as exc:  # a worker refuses to start so; elsewhere, said once
                 log.error("forkproxy: %s; traces are off", exc)
                 self._tracer = OFF
+            except Exception:  # OpenTelemetry refusing its own settings must never fail every request
+                log.exception("forkproxy: tracing could not start; traces are off")
+                self._tracer = OFF
         return self._tracer
 
     @property

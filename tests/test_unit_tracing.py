@@ -252,7 +252,7 @@ def test_a_stream_span_ends_at_the_streams_end_with_its_first_unit_event_and_cou
     assert "sk-secret" not in repr([s.attributes, r.attributes])  # a limit's name, never its key
     assert {k: v for k, v in s.attributes.items() if k.startswith(("forkproxy", "error"))} == {
         "forkproxy.rate_limit.names": ("tenant", "model"), "forkproxy.stream.bytes": 120,
-        "forkproxy.stream.units": 3, "forkproxy.stream.errored": True,
+        "forkproxy.stream.units": 3, "forkproxy.stream.resumes": 0, "forkproxy.stream.errored": True,
         "forkproxy.stream.client_disconnected": False, "error.type": "stream_cut"}
     assert {k: v for k, v in t.attributes.items() if k.startswith("forkproxy")} == {
         "forkproxy.tunnel.bytes_from_client": 10, "forkproxy.tunnel.bytes_from_upstream": 20,

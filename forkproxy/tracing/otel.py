@@ -48,6 +48,7 @@ log = logging.getLogger("forkproxy")
 
 DEFAULT_SERVICE_NAME = "forkproxy"
 DEFAULT_MAX_QUEUE_SIZE = 2048  # OpenTelemetry's default for OTEL_BSP_MAX_QUEUE_SIZE
+DEFAULT_MAX_EXPORT_BATCH_SIZE = 512  # and for OTEL_BSP_MAX_EXPORT_BATCH_SIZE
 FIRST_UNIT = "forkproxy.first_unit"  # the event at a stream's first unit: time to first byte (or token)
 # OpenTelemetry's HTTP conventions: any other method is "_OTHER", its span named "HTTP".
 _METHODS = frozenset(("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"))
@@ -88,10 +89,22 @@ class Tracing:
 
     @classmethod
     def from_env(cls) -> "Tracing":
-        """As OpenTelemetry's environment variables say; ``TracingUnavailable`` for what cannot be had."""
+        """As OpenTelemetry's environment variables say; ``TracingUnavailable`` (one line) for what cannot be had.
+
+        A queue set below the default batch size (``OTEL_BSP_MAX_QUEUE_SIZE=16`` alone) exports batches of
+        the queue's size, where the SDK would raise. A batch size set above the queue, or another
+        ``OTEL_BSP_*`` value the SDK refuses, is ``TracingUnavailable``: never a ValueError out of a request.
+        """
         env = os.environ
-        return cls(exporter_from_env(), max_queue_size=_positive(env, "OTEL_BSP_MAX_QUEUE_SIZE",
-                                                                  DEFAULT_MAX_QUEUE_SIZE))
+        queue = _positive(env, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE)
+        batch = _positive(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", min(DEFAULT_MAX_EXPORT_BATCH_SIZE, queue))
+        if batch > queue:
+            raise TracingUnavailable(f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must not exceed "
+                                     f"OTEL_BSP_MAX_QUEUE_SIZE ({queue})")
+        try:
+            return cls(exporter_from_env(), max_queue_size=queue, max_export_batch_size=batch)
+        except ValueError as exc:  # the SDK's checks of the other OTEL_BSP_* variables
+            raise TracingUnavailable(f"OpenTelemetry's batch processor: {exc}") from None
 
     def request(self, environ: dict, trusted: Container[str]) -> "RequestTrace":
         """A request's SERVER span, from its WSGI environ; ``trusted``: the peers whose trace context is continued."""
@@ -189,12 +202,13 @@ class RequestTrace:
         self.end(error_type)
 
     def stream_ended(self, stats: Any, error_type: str | None = None) -> None:
-        """A stream's end (``StreamStats``): bytes, units, errored, client_disconnected; then the span's end."""
+        """A stream's end (``StreamStats``): bytes, units, resumes, errored, client_disconnected; then the span's end."""
         if not self.recording:
             return
         self.span.set_attributes({
             "forkproxy.stream.bytes": stats.byte_count,
             "forkproxy.stream.units": stats.chunk_count,
+            "forkproxy.stream.resumes": stats.resumes,
             "forkproxy.stream.errored": stats.errored,
             "forkproxy.stream.client_disconnected": stats.client_disconnected,
         })
@@ -414,8 +428,13 @@ class BoundedBatch(SpanProcessor):
             log.exception("traces: counting %d dropped spans failed", spans)
 
     def abandon(self) -> None:
-        """Shutdown ran out of time: what is still queued is dropped, and the exporter stops retrying."""
-        left, self.pending = self.pending, 0
+        """Shutdown ran out of time: what is still queued is dropped, and the exporter stops retrying.
+
+        So is the batch whose export is under way: the worker exits before its answer, so nothing
+        says it arrived, and nothing else would count it.
+        """
+        left, self.pending = self.pending + self.exporter.in_flight, 0
+        self.exporter.in_flight = 0
         if left:
             self.dropped("shutdown", left)
         self.exporter.shutdown()
@@ -433,18 +452,27 @@ class Counted(SpanExporter):
     def __init__(self, exporter: SpanExporter, batch: BoundedBatch) -> None:
         self.exporter = exporter
         self.batch = batch
+        self.in_flight = 0  # spans of the export under way
         self._shut = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self.batch.exported(len(spans))
+        self.in_flight = len(spans)
         try:
             result = self.exporter.export(spans)
         except Exception:
-            self.batch.dropped("export_failed", len(spans))
+            self._failed()
             raise
         if result is not SpanExportResult.SUCCESS:
-            self.batch.dropped("export_failed", len(spans))
+            self._failed()
+        self.in_flight = 0
         return result
+
+    def _failed(self) -> None:
+        """The export under way failed: counted, unless a shutdown that ran out of time counted it already."""
+        spans, self.in_flight = self.in_flight, 0
+        if spans:
+            self.batch.dropped("export_failed", spans)
 
     def shutdown(self) -> None:
         if not self._shut:  # by the SDK's shutdown, or by ``abandon`` when that ran out of time: once
