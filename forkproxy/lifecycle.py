@@ -265,7 +265,7 @@ def tunnel(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> Tunnelled:
 def stream(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> ClientReply:
     """The streaming path (``relay.stream``): the head now, then each unit as it arrives."""
     note(trip)
-    hooks = StreamHooks(proxy.on_stream_chunk, proxy.on_stream_end)
+    hooks = StreamHooks(proxy.on_stream_chunk if proxy.overridden("on_stream_chunk") else None, proxy.on_stream_end)
     primed = trip.primed if trip.primed is not None and trip.primed.reply is reply else None
     resume = _resume(proxy, trip) if proxy.overridden("resume_stream") else None
     try:
@@ -378,7 +378,7 @@ def _check(proxy: Gateway, trip: Trip, wait: float, resuming: bool = False) -> C
     A reply that will stream has its first units read within ``wait``
     (``first_byte_timeout``, and every resumed attempt): no unit in time is
     a failed attempt. ``judge_reply``, when set, then gives its verdict,
-    shown in ``ures`` with those first units in ``ures.body``, or the body
+    shown in ``ures`` with the first unit in ``ures.body``, or the body
     of a 4xx/5xx read whole (up to ``max_response_body_bytes``); a verdict
     that is not one of ``VERDICTS`` is a ``hook_error``.
     """
@@ -395,7 +395,7 @@ def _check(proxy: Gateway, trip: Trip, wait: float, resuming: bool = False) -> C
             ures.body = read_body(reply, proxy.max_response_body_bytes)
         elif wait and (resuming or _streams(proxy, trip, reply)):
             trip.primed = prime(reply, member, stream_settings(proxy), _within(wait, trip.attempts.deadline))
-            ures.body = b"".join(trip.primed.units)
+            ures.body = trip.primed.units[0] if trip.primed.units else b""  # the first unit, not its read's others
         else:
             ures.body = b""
         if not judging:

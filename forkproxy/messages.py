@@ -199,6 +199,11 @@ class StreamWriter:
         if not self.discarding and data:
             self._pending.append(_as_bytes(data))
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything was written (or ``fail`` called) since the last ``take``."""
+        return bool(self._pending)
+
     def take(self) -> list[bytes]:
         pending, self._pending = self._pending, []
         return pending

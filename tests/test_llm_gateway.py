@@ -162,31 +162,3 @@ def test_a_completion_the_upstream_refused_with_503_is_retried(llm, upstream):
     assert reply.status == 200
     assert len(calls) == 2
 
-
-def test_pooled_example_shares_a_model_between_deployments_and_falls_back_to_the_backup():
-    from tests.support.servers import Upstream as Server
-
-    members = [Server() for _ in range(3)]
-    for server in members:
-        openai_route(server, "/v1/")
-    one, two, backup = members
-    g = Gunicorn("examples.llm_pools:app", env={
-        "LLM_MODEL": "llama", "LLM_DEPLOYMENTS": f"{one.url},{two.url}", "LLM_BACKUP": backup.url,
-        "LLM_CLIENT_KEYS": "client-1", "LLM_UPSTREAM_KEY": "real-secret"}).start()
-    try:
-        for _ in range(6):
-            assert chat(g, "llama", stream=False).status == 200
-        assert (len(one.seen("/v1/")), len(two.seen("/v1/")), len(backup.seen("/v1/"))) == (3, 3, 0)
-        assert one.seen("/v1/")[0].header("Authorization") == "Bearer real-secret"
-        one.kill()
-        two.kill()
-        for _ in range(3):
-            reply = chat(g, "llama", stream=True)
-            assert reply.status == 200 and b"data: [DONE]" in reply.body
-        assert len(backup.seen("/v1/")) == 3
-        g.wait_for_log(rf"upstream {one.url.split('://')[1]} marked down")
-        assert chat(g, "llama", stream=False, key="stranger").status == 401
-    finally:
-        g.stop()
-        for server in members:
-            server.close()

@@ -76,7 +76,7 @@ def test_upstream_that_dies_mid_stream_cuts_the_client_reply(streams, how):
     path = unique()
     try:
         got = read_until_cut(streams, path, **{"X-Test-Upstream": server.url, "X-Final": "1"})
-        assert got[:2] == [b"data: 1\n\n", b"data: 2\n\n"]
+        assert b"".join(got).startswith(b"data: 1\n\ndata: 2\n\n")
         assert assert_cut(streams, path, got, 2)["error"]["type"] == "bad_upstream_response"
     finally:
         server.close()
@@ -194,7 +194,7 @@ def test_a_raising_on_stream_end_is_logged_and_leaves_the_stream_whole(streams, 
     client.read_head()
     chunks = client.read_rest()  # raises Truncated if the reply was cut
     assert client.status == 200
-    assert chunks == [b"data: %d\n\n" % i for i in range(3)] + [b"event: end\ndata: 3\n\n"]  # then the last chunk
+    assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\nevent: end\ndata: 3\n\n"  # then the last chunk
     record = streams.records.wait_one(path)
     assert not record["errored"] and record["chunk_count"] == 3
     streams.wait_for_log(rf"GET {path}: hook 'on_stream_end' raised RuntimeError: boom from on_stream_end")

@@ -41,7 +41,7 @@ def test_hundreds_of_concurrent_streams_on_one_worker_each_get_every_event(strea
         t.join(40)
     assert errors == []
     expected = [b"data: %d\n\n" % i for i in range(events)]
-    assert len(results) == n and all(r == expected for r in results.values())
+    assert len(results) == n and all(b"".join(r) == b"".join(expected) for r in results.values())
 
 
 def test_a_200_mib_chunked_stream_passes_in_flat_memory_and_leaks_nothing(streams):

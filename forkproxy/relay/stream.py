@@ -57,7 +57,7 @@ _DECODE_STEP = 64 * 1024  # the most one decode of a compressed event stream giv
 class StreamHooks(NamedTuple):
     """The hooks a stream calls (the proxy's ``on_stream_chunk`` and ``on_stream_end``), handed to it."""
 
-    on_chunk: Callable[[bytes, StreamWriter, StreamStats], None]
+    on_chunk: Callable[[bytes, StreamWriter, StreamStats], None] | None  # None: not set, each unit as it came
     on_end: Callable[[Request, StreamWriter, StreamStats], None]
 
 
@@ -191,34 +191,20 @@ class StreamRelay:
     # -- the relay ---------------------------------------------------------
 
     def _relay(self) -> Iterator[bytes]:
-        out, stats, on_chunk = self.out, self.stats, self.hooks.on_chunk
         self._open()
         try:
             yield b""  # the server sends status and headers now, not with the first unit
             end: StreamEnd | None = None
             while end is None:  # once per upstream reply: the first, then each that resumed it
                 next_units = self._unit_source()
-                units, self._first = self._first or next_units(), []
                 try:
+                    units, self._first = self._first or next_units(), []
                     while units is not None:
-                        for unit in units:
-                            if unit is HEARTBEAT:
-                                yield unit
-                                continue
-                            stats.byte_count += len(unit)
-                            stats.chunk_count += 1
-                            if stats.chunk_count == 1:
-                                self.trace.first_unit()
-                            try:
-                                on_chunk(unit, out, stats)
-                            except Exception as exc:
-                                raise _Ended(StreamEnd("hook_failed",
-                                                       log_failure(on_chunk, describe(self.req), exc)))
-                            pending = out.take()
-                            if pending:
-                                if out.failure is not None:
-                                    raise _Ended(_failed_by_hook(out.failure))
-                                yield b"".join(pending) if len(pending) > 1 else pending[0]
+                        data, cut = self._handled(units)
+                        if data:
+                            yield data
+                        if cut is not None:
+                            raise _Ended(cut)
                         units = next_units()
                     end = _COMPLETE
                 except _Ended as ended:
@@ -235,11 +221,45 @@ class StreamRelay:
                 raise StreamAborted(end.detail) from exc  # gunicorn closes the connection quietly
             raise
         self.finish(end)
-        pending = out.take()  # what on_stream_end wrote
+        pending = self.out.take()  # what on_stream_end wrote
         if pending:
             yield b"".join(pending)
         if end is not _COMPLETE:
             raise StreamAborted(end.detail)
+
+    def _handled(self, units: list[bytes]) -> tuple[bytes, StreamEnd | None]:
+        """What the units of one read send to the client, in one write; and the end one of them made, if any.
+
+        Each unit goes through ``on_stream_chunk`` alone (not set: as it
+        came); what they wrote goes out together, up to a unit whose hook
+        raised or failed the stream (``out.fail``). One write per read, not
+        per unit: no unit waits for a later read, and a read that brought
+        many costs one syscall.
+        """
+        stats, on_chunk, out = self.stats, self.hooks.on_chunk, self.out
+        sent: list[bytes] = []
+        for unit in units:
+            if unit is HEARTBEAT:
+                sent.append(unit)
+                continue
+            stats.byte_count += len(unit)
+            stats.chunk_count += 1
+            if stats.chunk_count == 1:
+                self.trace.first_unit()
+            if on_chunk is None:
+                sent.append(unit)
+                continue
+            try:
+                on_chunk(unit, out, stats)
+            except Exception as exc:
+                out.take()  # what the failing unit wrote is not sent
+                return b"".join(sent), StreamEnd("hook_failed", log_failure(on_chunk, describe(self.req), exc))
+            if out.pending:
+                if out.failure is not None:
+                    out.take()
+                    return b"".join(sent), _failed_by_hook(out.failure)
+                sent += out.take()
+        return (sent[0] if len(sent) == 1 else b"".join(sent)), None
 
     def _resumed(self, end: StreamEnd) -> bool:
         """Whether the stream goes on after ``end`` with a reply ``resume`` gave; the failed reply is let go first.
