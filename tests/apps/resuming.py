@@ -14,6 +14,7 @@ import json
 import os
 
 from forkproxy import Proxy, RetryPolicy, Upstream, UpstreamPool
+from tests.support.openai_upstream import prefilled
 
 MEMBERS = json.loads(os.environ["TEST_MEMBERS"])
 POOL = UpstreamPool([Upstream(m["url"], name=m["name"], backup=m.get("backup", False), meta=m.get("meta"))
@@ -51,12 +52,7 @@ class Resuming(Proxy):
 
 def resume_stream(req, ureq, stats, upstream):
     req.ivars["asked"].append(upstream.name)
-    if not upstream.meta.get("resume"):
-        return False
-    body = json.loads(ureq.body)
-    body["messages"].append({"role": "assistant", "content": stats.meta.get("text", "")})
-    ureq.body = json.dumps(body)
-    return True
+    return prefilled(ureq, stats, upstream)
 
 
 def judge_reply(req, ures):

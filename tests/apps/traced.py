@@ -20,6 +20,7 @@ import os
 import sys
 
 from forkproxy import Limit, Proxy, RetryPolicy, Upstream, UpstreamPool
+from tests.support.openai_upstream import prefilled
 
 
 def _pool(members):
@@ -86,12 +87,7 @@ def before_attempt(req, ureq, upstream):
 
 
 def resume_stream(req, ureq, stats, upstream):
-    if not upstream.meta.get("resume"):
-        return False
-    body = json.loads(ureq.body)
-    body["messages"].append({"role": "assistant", "content": stats.meta.get("text", "")})
-    ureq.body = json.dumps(body)
-    return True
+    return prefilled(ureq, stats, upstream)
 
 
 proxy = Traced(os.environ.get("TEST_UPSTREAM", "http://127.0.0.1:9"), timeout=5, connect_timeout=1,

@@ -451,3 +451,14 @@ def misuse(fault: Fault) -> Fault:
     """A stream fault asked of a buffered request: a 500 that makes the mistaken test fail."""
     return Fault("fake_misuse", lambda ex: ex.json(
         500, error(f"fake: {fault.name} needs a streamed request", "fake_misuse")))
+
+
+def prefilled(ureq, stats, upstream) -> bool:
+    """A ``resume_stream`` for the test apps: resume at ``upstream`` when its meta says ``"resume"``, the text
+    delivered so far (kept in ``stats.meta["text"]``) as the trailing assistant message this fake continues."""
+    if not upstream.meta.get("resume"):
+        return False
+    body = json.loads(ureq.body)
+    body["messages"].append({"role": "assistant", "content": stats.meta.get("text", "")})
+    ureq.body = json.dumps(body)
+    return True
