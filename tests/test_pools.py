@@ -153,7 +153,7 @@ def test_a_stream_fails_over_before_its_head_and_never_after():
         for _ in range(2):
             client = StreamClient(g.url, "/events")
             assert client.read_head() == 200
-            assert client.read_rest() == [b"data: %d\n\n" % i for i in range(3)]
+            assert b"".join(client.read_rest()) == b"".join(b"data: %d\n\n" % i for i in range(3))
             client.close()
 
 
