@@ -41,7 +41,7 @@ def parse_routes(spec: str) -> list[tuple[str, str]]:
 
 class LLMGateway(Proxy):
     upstream_key = ""
-    client_keys: frozenset = frozenset()
+    client_ids: dict = {}  # each client key -> the short hash that names it in limits and usage lines
     routes: list = []
     usage_log = None
     requests_per_minute = 600
@@ -51,12 +51,13 @@ class LLMGateway(Proxy):
 
     def before_forward(self, req, res, ureq):
         key = req.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if key not in self.client_keys:
+        client = self.client_ids.get(key)
+        if client is None:
             res.status = 401
             res.headers["Content-Type"] = "application/json"
             res.body = json.dumps(UNAUTHORIZED)
             return True
-        req.ivars["client"] = hashlib.sha256(key.encode()).hexdigest()[:12]
+        req.ivars["client"] = client
         req.ivars["started"] = time.time()
         ureq.headers["Authorization"] = f"Bearer {self.upstream_key}"
         body = req.json()
@@ -138,10 +139,19 @@ class LLMGateway(Proxy):
                 "seconds": round(time.time() - req.ivars.get("started", time.time()), 3), **fields}
         text = json.dumps(line) + "\n"
         if self.usage_log:
-            with open(self.usage_log, "a") as f:  # one write per line: lines from workers never interleave
-                f.write(text)
+            os.write(self.usage_fd(), text.encode())  # one O_APPEND write per line: workers' lines never interleave
         else:
             sys.stderr.write(text)
+
+    def usage_fd(self) -> int:
+        """The usage log, opened once per worker process (after the fork) for appending."""
+        if self._usage_fd is None or self._usage_pid != os.getpid():
+            self._usage_fd = os.open(self.usage_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._usage_pid = os.getpid()
+        return self._usage_fd
+
+    _usage_fd: int | None = None
+    _usage_pid = 0
 
 
 def from_env(env=os.environ) -> LLMGateway:
@@ -152,7 +162,8 @@ def from_env(env=os.environ) -> LLMGateway:
     gateway = LLMGateway(env["LLM_UPSTREAM"], timeout=float(env.get("LLM_TIMEOUT", 120)),
                          limits_store=env.get("LLM_LIMITS_STORE", "local"))
     gateway.upstream_key = env.get("LLM_UPSTREAM_KEY", "")
-    gateway.client_keys = frozenset(k.strip() for k in env.get("LLM_CLIENT_KEYS", "").split(",") if k.strip())
+    keys = {k.strip() for k in env.get("LLM_CLIENT_KEYS", "").split(",") if k.strip()}
+    gateway.client_ids = {key: hashlib.sha256(key.encode()).hexdigest()[:12] for key in keys}  # hashed once, at start
     gateway.routes = parse_routes(env.get("LLM_ROUTES", ""))
     gateway.usage_log = env.get("LLM_USAGE_LOG")
     gateway.requests_per_minute = int(env.get("LLM_RPM", LLMGateway.requests_per_minute))

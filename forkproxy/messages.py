@@ -28,6 +28,7 @@ class Request:
     rate_limit_headers: "Sequence[tuple[str, str]]" = ()  # RateLimit-Policy/RateLimit for the reply, once limited
     deadline: float = 0.0  # seconds from received to reply accepted (the setting; a hook may change it), 0 = none
     span: Any = NO_SPAN  # the request's OpenTelemetry span (SERVER): hooks set_attribute on it; a no-op when off
+    _parsed: "tuple[bytes, Any] | None" = None  # (the body, its JSON) once json() parsed it
 
     def __init__(
         self,
@@ -53,11 +54,22 @@ class Request:
         self.request_id = ""
 
     def json(self) -> Any:
-        """The body parsed as JSON, or ``None`` when it is not JSON."""
+        """The body parsed as JSON, or ``None`` when it is not JSON.
+
+        Parsed once per body: hooks that each ask for it (``before_forward``,
+        ``stream_request``, ``pick_upstream``) get the same object, so a
+        change one makes to it is seen by the next (copy it to keep one's own).
+        """
+        body = self.body
+        parsed = self._parsed
+        if parsed is not None and parsed[0] is body:
+            return parsed[1]
         try:
-            return json.loads(self.body)
+            value = json.loads(body)
         except ValueError:
-            return None
+            value = None
+        self._parsed = (body, value)
+        return value
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.raw_path}>"

@@ -1,5 +1,6 @@
 """Hook registration and the objects handed to hooks, without sockets."""
 import pytest
+import urllib3
 from urllib3 import HTTPHeaderDict
 
 from forkproxy import HOOK_NAMES, Proxy, Request, Response, UpstreamRequest
@@ -185,3 +186,15 @@ def test_a_proxy_registers_exactly_the_specified_hooks():
         fn.__name__ = not_a_hook
         with pytest.raises(ValueError):
             proxy.hook(fn)
+
+
+def test_req_json_parses_a_body_once_for_every_hook_that_asks_and_again_only_for_a_new_body():
+    from forkproxy.messages import Request
+
+    req = Request(method="POST", raw_path="/v1/chat", headers=urllib3.HTTPHeaderDict(), body=b'{"stream": true}')
+    first = req.json()
+    assert first == {"stream": True} and req.json() is first  # before_forward and stream_request share it
+    req.body = b"[1]"
+    assert req.json() == [1]
+    req.body = b"not json"
+    assert req.json() is None and req.json() is None
