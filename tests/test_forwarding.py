@@ -1,5 +1,7 @@
 """What reaches the upstream and what comes back, through real gunicorn."""
 import gzip
+import socket
+import time
 import uuid
 
 from tests.support.client import raw, request, status_of
@@ -222,3 +224,20 @@ def test_framing_and_hop_by_hop_headers_a_hook_copied_from_the_client_are_forkpr
     assert seen.all("Connection") == []
     assert (seen.header("X-End-To-End"), seen.header("X-Copied")) == ("kept", "yes")
     assert request(gateway.url, "GET", unique()).status == 200  # the pooled connection is still in step
+
+
+def test_a_reply_larger_than_the_sockets_buffers_to_a_client_slow_to_read_arrives_whole(gateway, upstream):
+    """Each piece goes out in one send when the socket takes it all; what one send leaves, sendall finishes."""
+    body = bytes(range(256)) * (3 * 4096)  # 3 MiB: more than a loopback socket's buffers hold
+    upstream.route("/big-slow", lambda h, seen: h.reply(200, body, [("Content-Type", "application/octet-stream")]))
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /big-slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # the proxy's send fills the buffers and must finish the rest later
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < len(body):
+            part = sock.recv(65536)
+            assert part, "the reply ended short"
+            data += part
+    head, got = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and got == body

@@ -163,6 +163,9 @@ INTERNALS: tuple[Internal, ...] = (
              "large) go out as the contract's JSON", _takes("sock", "status_int", "reason", "mesg")),
     Internal("gunicorn", "gunicorn.util", "write_nonblock", "server/worker.py writes the JSON refusal with it",
              _takes("sock", "data")),
+    Internal("gunicorn", "gunicorn.util", "write",
+             "server/worker.py replaces it in each worker: a reply's pieces go out in one send, not sendall's "
+             "three syscalls", _takes("sock", "data", "chunked")),
     Internal("gunicorn", "gunicorn.workers.base", "Worker.handle_exit",
              "server/shutdown.py polls worker.alive, which it clears on SIGTERM", _assigns("alive")),
 )
