@@ -44,6 +44,7 @@ from forkproxy.tracing import NO_TRACE
 from forkproxy.server.worker import (ENV_REQUEST_ID, ENV_RETRIES, ENV_UPSTREAM, ENV_UPSTREAM_STATUS,
                                      ENV_UPSTREAM_TIME, close_connection_after)
 from forkproxy.upstream.attempts import VERDICTS, Attempted, Attempts, Check, Deadline, Shape
+from forkproxy.upstream.failures import NoFirstUnit
 from forkproxy.upstream.members import FixedRoute, PoolRoute, Upstream, UpstreamPool, fixed_route
 from forkproxy.upstream.reply import UpstreamReply
 from forkproxy.upstream.retry import RetryPolicy
@@ -267,7 +268,7 @@ def stream(proxy: Gateway, trip: Trip, reply: UpstreamReply) -> ClientReply:
     note(trip)
     hooks = StreamHooks(proxy.on_stream_chunk if proxy.overridden("on_stream_chunk") else None, proxy.on_stream_end)
     primed = trip.primed if trip.primed is not None and trip.primed.reply is reply else None
-    resume = _resume(proxy, trip) if proxy.overridden("resume_stream") else None
+    resume = _resume(proxy, trip, reply.headers) if proxy.overridden("resume_stream") else None
     try:
         relay = StreamRelay(trip.req, reply, trip.member, hooks, stream_settings(proxy), primed, resume, trip.trace)
         status, fields = relay.head()
@@ -372,12 +373,15 @@ def _before_attempt(proxy: Gateway, req: Request) -> Shape:
     return shape
 
 
-def _check(proxy: Gateway, trip: Trip, wait: float, resuming: bool = False) -> Check | None:
+def _check(proxy: Gateway, trip: Trip, wait: float, like: urllib3.HTTPHeaderDict | None = None) -> Check | None:
     """Each reply head's check before it is accepted; None when there is nothing to check.
 
     A reply that will stream has its first units read within ``wait``
     (``first_byte_timeout``, and every resumed attempt): no unit in time is
-    a failed attempt. ``judge_reply``, when set, then gives its verdict,
+    a failed attempt. ``like``, for a resumed attempt, is the head the
+    client has: a reply of another kind of body (events or not, another
+    Content-Encoding), or one that ends before a unit, fails the attempt
+    too. ``judge_reply``, when set, then gives its verdict,
     shown in ``ures`` with the first unit in ``ures.body``, or the body
     of a 4xx/5xx read whole (up to ``max_response_body_bytes``); a verdict
     that is not one of ``VERDICTS`` is a ``hook_error``.
@@ -386,6 +390,7 @@ def _check(proxy: Gateway, trip: Trip, wait: float, resuming: bool = False) -> C
     if not judging and not wait:
         return None
     hook, req, ures = proxy.judge_reply, trip.req, trip.ures
+    resuming = like is not None
 
     def check(reply: UpstreamReply, member: Upstream, attempts: int) -> str | None:
         ures.status, ures.headers, ures.attempts = reply.status, reply.headers, attempts
@@ -394,7 +399,12 @@ def _check(proxy: Gateway, trip: Trip, wait: float, resuming: bool = False) -> C
         if judging and reply.status >= 400:
             ures.body = read_body(reply, proxy.max_response_body_bytes)
         elif wait and (resuming or _streams(proxy, trip, reply)):
+            if resuming and not _same_kind(like, reply.headers):
+                raise NoFirstUnit(BadUpstreamResponse("the resumed reply's body is not of the kind being relayed"),
+                                  ValueError(f"Content-Type {header_rules.get(reply.headers, 'content-type')!r}"))
             trip.primed = prime(reply, member, stream_settings(proxy), _within(wait, trip.attempts.deadline))
+            if resuming and not trip.primed.units and reply.status < 300:
+                raise NoFirstUnit(BadUpstreamResponse("the resumed reply ended before its first unit"), EOFError())
             ures.body = trip.primed.units[0] if trip.primed.units else b""  # the first unit, not its read's others
         else:
             ures.body = b""
@@ -408,12 +418,16 @@ def _check(proxy: Gateway, trip: Trip, wait: float, resuming: bool = False) -> C
     return check
 
 
-def _resume(proxy: Gateway, trip: Trip) -> Resume:
+def _resume(proxy: Gateway, trip: Trip, like: urllib3.HTTPHeaderDict) -> Resume:
     """What a stream that failed after its head went out calls: ``resume_stream`` asked for each next live member,
     on a copy of the request ``before_forward`` left, while the request's attempts and deadline allow; the reply
-    it goes on with, its first units read (within ``first_byte_timeout``, else ``stream_idle_timeout``)."""
+    it goes on with, its first units read (within ``first_byte_timeout``, else ``stream_idle_timeout``), of the
+    kind of body ``like`` (the head the client has) announced. Each resumed attempt waits for its head no longer
+    than for a first unit either: the client is waiting mid-answer."""
     hook, req, attempts = proxy.resume_stream, trip.req, trip.attempts
-    check = _check(proxy, trip, proxy.first_byte_timeout or proxy.stream_idle_timeout or proxy.timeout, True)
+    wait = proxy.first_byte_timeout or proxy.stream_idle_timeout or proxy.timeout
+    check = _check(proxy, trip, wait, like)
+    timeout = _timeouts(proxy.connect_timeout, min(wait, proxy.timeout))
 
     def resume(stats: Any) -> Primed | None:
         def ask(member: Upstream) -> UpstreamRequest | None:
@@ -424,12 +438,21 @@ def _resume(proxy: Gateway, trip: Trip) -> Resume:
             _check_upstream_request(own)
             return own
         trip.primed = None
-        if attempts.resume(ask, check) is None:
+        if attempts.resume(ask, check, timeout) is None:
             return None
         trip.member, trip.ures.attempts = trip.primed.member, attempts.made()
         note(trip)  # the access log names the member relayed last, and the attempts made
         return trip.primed
     return resume
+
+
+def _same_kind(sent: urllib3.HTTPHeaderDict, resumed: urllib3.HTTPHeaderDict) -> bool:
+    """Whether a resumed reply's body can follow the one the client has: events after events (decoded for
+    the client), or other bytes with the same Content-Encoding."""
+    if is_event_stream(sent):
+        return is_event_stream(resumed)
+    return not is_event_stream(resumed) and (header_rules.get(sent, "content-encoding", "")
+                                             == header_rules.get(resumed, "content-encoding", ""))
 
 
 def _within(wait: float, deadline: Deadline | None) -> float:

@@ -121,6 +121,23 @@ def test_a_stream_broken_before_its_first_unit_at_every_member_is_502():
         assert "127.0.0.1" not in got.events[0]
 
 
+def test_a_first_unit_late_with_time_left_of_the_deadline_still_fails_over():
+    with providers(("slow", None), ("fast", None)) as ((slow, fast), members), \
+            gateway(members, first_byte=0.5, deadline=4) as g:  # under the app's timeout of 5: attempts are cut
+        slow.next(Fault.slow_first_token(4))
+        got = Streamed(g)
+        assert got.status == 200 and got.text == ANSWER and set(got.fingerprints) == {"fast"}
+
+
+def test_a_reply_read_ahead_then_retried_is_let_go_at_once_not_drained_from_its_start():
+    with providers(("a", None), ("b", None)) as ((a, b), members), gateway(members, first_byte=5) as g:
+        a.next(Fault.status(503))  # a JSON 503 on a keep-alive connection: retried by the policy
+        started = time.monotonic()
+        got = Streamed(g)
+        assert got.status == 200 and got.text == ANSWER
+        assert time.monotonic() - started < 0.8  # draining what was read already waited a whole second
+
+
 def test_without_first_byte_timeout_the_head_goes_out_at_once():
     with providers(("a", None),) as ((a,), members), gateway(members) as g:
         a.next(Fault.slow_first_token(0.8))
@@ -181,6 +198,15 @@ def test_a_resumed_attempt_that_fails_before_its_first_unit_asks_again_for_the_n
         got = Streamed(g)
         assert not got.cut and got.text == ANSWER
         assert got.end["asked"] == ["b", "c"] and got.end["resumes"] == 1 and got.end["upstream"] == "c"
+
+
+def test_a_resumed_reply_that_ends_before_a_unit_is_a_failed_attempt_not_a_complete_answer():
+    with providers(("a", None), ("b", {"resume": True}), ("c", {"resume": True})) as ((a, b, c), members), \
+            gateway(members, resume=1, attempts=4) as g:
+        a.next(Fault.cut(3))
+        b.next(Fault.empty())
+        got = Streamed(g)
+        assert not got.cut and got.text == ANSWER and got.end["asked"] == ["b", "c"] and got.end["upstream"] == "c"
 
 
 def test_resume_uses_the_requests_attempts_so_one_attempt_never_asks():

@@ -352,7 +352,10 @@ def prime(reply: UpstreamReply, member: Upstream, settings: StreamSettings, wait
     body broken before one, is a failed attempt (``NoFirstUnit``): the
     request went out, the member answered with a head and nothing more.
     """
-    rest = framed_units(reply, member, settings)
+    try:
+        rest = framed_units(reply, member, settings)
+    except ProxyError as unusable:  # a Content-Encoding that cannot be undone: this member's reply, not the request's
+        raise NoFirstUnit(unusable, unusable) from None
     until = time.monotonic() + wait
     while True:
         left = until - time.monotonic()

@@ -78,6 +78,8 @@ def _start_tracing(app: Any) -> None:
         for_worker(setting)
     except TracingUnavailable as exc:
         refuse_start(str(exc))
+    except Exception:  # OpenTelemetry refusing its own settings: traces off (Proxy.tracer says so once), never a boot loop
+        logging.getLogger("forkproxy").exception("forkproxy: tracing could not start; traces are off")
 
 
 def refuse_start(message: str) -> NoReturn:

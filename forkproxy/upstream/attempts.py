@@ -211,7 +211,7 @@ class Attempts:
                     return self._attempted(outcome, member)  # most requests
                 if verdict == ACCEPT:
                     return self._attempted(outcome, member)
-                if self._ran_out(outcome, limit):
+                if self._ran_out(outcome):
                     return deadline.ran_out(outcome, self.made(), member)
                 move = _move(policy, route, self.retry, self.ureq.method, outcome, verdict)
                 if move is None or (deadline is not None and deadline.passed_after(move.wait)):
@@ -227,14 +227,15 @@ class Attempts:
                     outcome.close()
                 raise
 
-    def resume(self, ask: Ask, check: Check) -> UpstreamReply | None:
+    def resume(self, ask: Ask, check: Check, timeout: urllib3.Timeout) -> UpstreamReply | None:
         """Attempts that carry on a stream whose head went out: a reply whose first units ``check`` read, or None.
 
         Each uses an attempt of the policy and goes to the next live member
         (the order of ``first``), no sooner asked than ``ask(member)`` gives
         its request (None: not to go on); a reply goes on only when ``check``
         accepts it and its status is below 300. No wait between them: a
-        client is waiting mid-answer. None once attempts, members or the
+        client is waiting mid-answer, so each waits for its head no longer
+        than ``timeout`` either. None once attempts, members or the
         deadline are spent, or ``ask`` declines.
         """
         route, deadline = self.route, self.deadline
@@ -255,7 +256,7 @@ class Attempts:
             if ureq is None:
                 route.abandoned()
                 return None
-            limit = self.timeout if deadline is None else deadline.cut(self.timeout)
+            limit = timeout if deadline is None else deadline.cut(timeout)
             outcome, verdict = self._attempt(member, ureq, None if self.shape else wire_headers(ureq), limit, check)
             if isinstance(outcome, UpstreamReply):
                 if verdict in (ACCEPT, None) and outcome.status < 300:
@@ -272,12 +273,12 @@ class Attempts:
             return Attempted(None, outcome.error, retries, member)
         return Attempted(outcome, None, retries, member)
 
-    def _ran_out(self, outcome: UpstreamReply | AttemptFailed, limit: urllib3.Timeout) -> bool:
-        """Whether a timeout was the deadline's: the attempt's timeouts were cut to it, or it has (all but) passed."""
+    def _ran_out(self, outcome: UpstreamReply | AttemptFailed) -> bool:
+        """Whether a timeout was the deadline's: it has (all but) passed. A timeout of the attempt's own (a connect,
+        a first unit) with time left is the attempt's, and failover goes on."""
         deadline = self.deadline
         return (deadline is not None and isinstance(outcome, AttemptFailed)
-                and isinstance(outcome.error, UpstreamTimeout)
-                and (limit is not self.timeout or deadline.passed_after(_DEADLINE_SLACK)))
+                and isinstance(outcome.error, UpstreamTimeout) and deadline.passed_after(_DEADLINE_SLACK))
 
     def _attempt(self, member: Upstream, ureq: UpstreamRequest, headers: urllib3.HTTPHeaderDict | None,
                  timeout: urllib3.Timeout, check: Check | None) -> tuple[UpstreamReply | AttemptFailed, str | None]:

@@ -13,6 +13,8 @@ from http.client import IncompleteRead
 from ssl import SSLWantReadError
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
+import gevent.socket
+from gevent import Timeout
 from urllib3 import HTTPHeaderDict
 
 from forkproxy.http.chunked import Dechunker
@@ -34,7 +36,8 @@ BODY_READ = 64 * 1024  # the most one read of a body asks for
 class UpstreamReply:
     """Status, headers and the unread body of one upstream response."""
 
-    __slots__ = ("status", "reason", "headers", "framing", "on_release", "_fp", "_conn", "_connections", "_done")
+    __slots__ = ("status", "reason", "headers", "framing", "on_release", "_fp", "_conn", "_connections", "_done",
+                 "_waiting", "_idle", "_reading")
 
     def __init__(self, connections: "HTTPConnectionPool", conn: "HTTPConnection", fp: BinaryIO,
                  status: StatusLine, headers: HTTPHeaderDict, framing: Framing) -> None:
@@ -47,6 +50,9 @@ class UpstreamReply:
         self._connections = connections
         self._done = framing.length == 0 and not framing.chunked
         self.on_release: Callable[[], None] | None = None  # told once: the attempt that got this reply is over
+        self._waiting = False  # a waiting reader reads the body: its own timer bounds each wait (``_idle``)
+        self._idle: Timeout | None = None
+        self._reading = False  # a reader of the body was made: what it read is gone from the connection
 
     def get_redirect_location(self) -> bool:
         """What urllib3's ``Retry.increment`` asks of a response it counts: redirects go to the client."""
@@ -60,8 +66,8 @@ class UpstreamReply:
         with the connection, or has not come by then is cut, its connection closed.
         """
         framing = self.framing
-        if framing.will_close or (framing.length or 0) > _DRAIN_LIMIT:
-            self.close()
+        if self._reading or framing.will_close or (framing.length or 0) > _DRAIN_LIMIT:
+            self.close()  # a body partly read ahead (a stream's first units) cannot be drained from its start
             return
         try:
             pieces, size, until = self.pieces(_DRAIN_LIMIT), 0, time.monotonic() + _DRAIN_SECONDS
@@ -78,6 +84,10 @@ class UpstreamReply:
     # -- the body -----------------------------------------------------------
 
     def set_read_timeout(self, seconds: float | None) -> None:
+        """The longest one read may wait from now on (None: for ever)."""
+        if self._waiting:
+            self._idle = _idle_timer(seconds)
+            return
         conn = self._conn
         if conn is not None and conn.sock is not None:
             conn.sock.settimeout(seconds)
@@ -98,6 +108,7 @@ class UpstreamReply:
         in the reader's own small buffer, not in a ``size``-byte one.
         """
         fp, framing = self._fp, self.framing
+        self._reading = True
         read1 = self._waiting_read() if waiting else fp.read1
         if framing.chunked:
             return self._chunks(read1, size)
@@ -153,6 +164,12 @@ class UpstreamReply:
         sock, first = self.take_socket()
         held = [first] if first else []
         recv = sock.recv
+        # A gevent socket with a timeout makes and drops a Timeout on every wait; one kept for
+        # the stream, started and cancelled around each read, bounds the wait the same way.
+        # (A blocking stdlib socket keeps its own timeout: no hub would run the timer.)
+        if isinstance(sock, gevent.socket.socket):
+            self._idle, self._waiting = _idle_timer(sock.gettimeout()), True
+            sock.settimeout(None)
 
         def read(n: int) -> bytes:
             if held:
@@ -162,7 +179,14 @@ class UpstreamReply:
                     data = data[:n]
                 if data:
                     return data
-            return recv(n)
+            idle = self._idle
+            if idle is None:
+                return recv(n)
+            idle.start()
+            try:
+                return recv(n)
+            finally:
+                idle.cancel()
         return read
 
     def socket(self) -> Any:
@@ -206,3 +230,7 @@ class UpstreamReply:
         self._done = False
         self.release()
 
+
+def _idle_timer(seconds: float | None) -> Timeout | None:
+    """A reusable bound on one read's wait: it raises ``TimeoutError``, as a socket's own timeout does."""
+    return None if seconds is None else Timeout(seconds, TimeoutError)

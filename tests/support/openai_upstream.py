@@ -51,6 +51,7 @@ events: the tokens first, then the finish, the usage and the ``[DONE]`` event.
 - ``Fault.silence()``: reads the request and never answers (until the client, or ``close``, ends it).
 - ``Fault.slow_first_token(seconds)``: the head at once, the first event after
   ``seconds`` (a buffered request: the whole reply after ``seconds``).
+- ``Fault.empty()``: a 200 event stream without one event (``Content-Length: 0``).
 - ``Fault.cut(after)``: ``after`` events, then the connection closes without the final chunk.
 - ``Fault.stall(after, seconds)``: ``after`` events, ``seconds`` of silence, then the rest.
 - ``Fault.malformed(after)``: ``after`` events, an event whose data is not JSON, then the rest.
@@ -312,6 +313,12 @@ class Fault:
             ex.pause(seconds)
             answer(ex)
         return cls("slow_first_token", act)
+
+    @classmethod
+    def empty(cls) -> Fault:
+        """A 200 event stream with no event at all (Content-Length: 0): an overloaded provider's empty answer."""
+        return cls("empty", lambda ex: ex.handler.reply(200, b"", content_type="text/event-stream"),
+                   streamed_only=True)
 
     @classmethod
     def cut(cls, after: int) -> Fault:
