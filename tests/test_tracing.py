@@ -55,13 +55,6 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    server = Upstream()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def overloaded():
     """An upstream answering every request with 503."""
     server = Upstream()
