@@ -24,6 +24,7 @@ LLM_UPSTREAM and LLM_CLIENT_KEYS are required: without one the start stops with 
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -32,6 +33,9 @@ from forkproxy.sse import event_data
 
 REQUIRED = {"LLM_UPSTREAM": "https://api.openai.com", "LLM_CLIENT_KEYS": "team-a-key,team-b-key"}  # with an example
 UNAUTHORIZED = {"error": {"message": "invalid or missing API key", "type": "unauthorized"}}
+RETRIES = RetryPolicy(max_attempts=3, base_backoff_ms=250, retry_on_status=(429, 503), jitter=True)  # one for all
+# An event whose delta carries text: counted without parsing each event's JSON (most events are one token).
+CONTENT = re.compile(rb'"delta":\s*\{[^}]*"content":\s*"[^"]')
 
 
 def parse_routes(spec: str) -> list[tuple[str, str]]:
@@ -94,7 +98,7 @@ class LLMGateway(Proxy):
         # or a read timeout after the body went out may follow a completion that was generated
         # and billed, so those are retried for idempotent methods only, never for this POST;
         # a 502 from the upstream says nothing about that either, so it is not listed.
-        return RetryPolicy(max_attempts=3, base_backoff_ms=250, retry_on_status=(429, 503), jitter=True)
+        return RETRIES
 
     # -- the stream ------------------------------------------------------------
 
@@ -103,14 +107,10 @@ class LLMGateway(Proxy):
         data = event_data(chunk)
         if not data or data == b"[DONE]":
             return
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
-        if any(choice.get("delta", {}).get("content") for choice in event.get("choices") or ()):
+        if CONTENT.search(data):
             stats.meta["completion_events"] = stats.meta.get("completion_events", 0) + 1
-        if event.get("usage"):
-            stats.meta["usage"] = event["usage"]
+        if b'"usage"' in data:  # only the usage chunk (or one that names it) is parsed
+            stats.meta["usage"] = usage_of(data) or stats.meta.get("usage")
 
     def on_stream_end(self, req, out, stats):
         self.bill(req, stats.meta.get("usage"))
@@ -123,12 +123,7 @@ class LLMGateway(Proxy):
     def after_forward(self, req, ures, res):
         if "client" not in req.ivars:
             return  # refused before it was ours to bill
-        usage = None
-        if ures.status == 200:
-            try:
-                usage = json.loads(res.body).get("usage")
-            except (ValueError, AttributeError):
-                pass
+        usage = usage_of(res.body) if ures.status == 200 else None
         self.bill(req, usage)
         self.record(req, streamed=False, status=res.status, usage=usage,
                     error=ures.error.type if ures.error else None)
@@ -152,6 +147,34 @@ class LLMGateway(Proxy):
 
     _usage_fd: int | None = None
     _usage_pid = 0
+
+
+def usage_of(body: bytes) -> dict | None:
+    """The ``usage`` object of a completion or chunk, decoded alone: the rest of the body is not parsed.
+
+    It is the body's last top-level field in OpenAI's shape; a body where it
+    is not (or that is not JSON) is parsed whole.
+    """
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = body.find(b"{", at)
+    usage = None
+    if start > 0 and body[at + len(b'"usage"'):start].strip() == b":":  # its value is this object
+        try:
+            usage, _ = _DECODER.raw_decode(body[start:].decode())
+        except ValueError:
+            pass
+    if isinstance(usage, dict):
+        return usage
+    try:
+        whole = json.loads(body)
+    except ValueError:
+        return None
+    return whole.get("usage") if isinstance(whole, dict) else None
+
+
+_DECODER = json.JSONDecoder()
 
 
 def from_env(env=os.environ) -> LLMGateway:

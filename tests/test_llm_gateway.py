@@ -162,3 +162,19 @@ def test_a_completion_the_upstream_refused_with_503_is_retried(llm, upstream):
     assert reply.status == 200
     assert len(calls) == 2
 
+
+
+def test_the_usage_object_is_read_alone_and_only_as_the_value_of_usage(monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("LLM_UPSTREAM", "http://127.0.0.1:9")
+    monkeypatch.setenv("LLM_CLIENT_KEYS", "k")
+    example = importlib.import_module("examples.llm_gateway")
+    assert example.usage_of(b'{"id": "c", "choices": [], "usage": {"total_tokens": 9, "d": {"x": 1}}}') == {
+        "total_tokens": 9, "d": {"x": 1}}
+    assert example.usage_of(b'{"usage": null, "choices": [{"delta": {"content": "a"}}]}') is None  # not the delta
+    assert example.usage_of(b'{"choices": []}') is None and example.usage_of(b'"usage" but not JSON') is None
+    counted = [bool(example.CONTENT.search(e)) for e in (b'{"choices":[{"delta":{"content":"Hi"}}]}',
+                                                          b'{"choices":[{"delta":{"role":"assistant","content":""}}]}',
+                                                          b'{"choices": [{"delta": {"content": "x"}}]}')]
+    assert counted == [True, False, True]

@@ -168,7 +168,8 @@ class Target(Process):
                    "naive": "scripts.benchkit.apps:naive", "werkzeug": "scripts.benchkit.apps:werkzeug",
                    "forkproxy+hooks": "scripts.benchkit.apps:ws_messages",
                    "forkproxy+limit": "scripts.benchkit.apps:limited", "census": "scripts.benchkit.census:app",
-                   "forkproxy+ablated": "scripts.benchkit.ablate:app"}[name]
+                   "forkproxy+ablated": "scripts.benchkit.ablate:app",
+                   "llm-example": "examples.llm_gateway:app"}[name]
             self.spawn([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", str(workers),
                         "--bind", f"127.0.0.1:{self.port}", "--no-control-socket", "--access-logfile", "/dev/null",
                         "--backlog", "8192", "--log-level", "warning", app],

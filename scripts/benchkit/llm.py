@@ -6,7 +6,8 @@ chunks plus usage. Each target runs one worker pinned to CPU 0 (wrk and the
 timing client on CPU 1):
 
 - ``direct``: the mock itself; ``nginx``: proxy_pass; ``forkproxy``:
-  ``forkproxy.app`` under gunicorn.conf.py; ``naive``: the bench's urllib3 proxy;
+  ``forkproxy.app`` under gunicorn.conf.py; ``llm-example`` (asked for by name):
+  ``examples/llm_gateway.py`` as shipped, rate limits off; ``naive``: the bench's urllib3 proxy;
 - ``litellm``: the LiteLLM proxy from PyPI in its own venv (``.venv-litellm``),
   started with its own command, ``litellm --config ... --num_workers 1`` (its
   docs: one Uvicorn worker per pod/core, scale by adding them), one
@@ -38,6 +39,8 @@ from scripts.benchkit.harness import (CLK, LOAD_CPU, PROXY_CPU, ROOT, Process, T
 from scripts.benchkit.openai import API_KEY, BODY, STREAM_BODY
 
 TARGETS = ["direct", "nginx", "forkproxy", "naive", "litellm"]
+# examples/llm_gateway.py as shipped (auth, key swap, JSON, usage line), rate limits off as the peers run without them.
+EXAMPLE_ENV = {"LLM_CLIENT_KEYS": API_KEY, "LLM_RPM": "0", "LLM_TPM": "0", "LLM_USAGE_LOG": "/dev/null"}
 LITELLM_VENV = ROOT / ".venv-litellm"
 LITELLM_SPEC = os.environ.get("BENCH_LITELLM", "litellm[proxy]")
 
@@ -139,7 +142,12 @@ class LLMWorkloads:
                     print(f"litellm skipped: {self.skipped}", flush=True)
                 return None
         print(f"[{rep + 1}/{self.args.repeat}] {name}: llm", flush=True)
-        target = LiteLLM(self.litellm, self.mock.url) if name == "litellm" else Target(name, self.mock.url)
+        if name == "litellm":
+            target = LiteLLM(self.litellm, self.mock.url)
+        elif name == "llm-example":
+            target = Target(name, self.mock.url, env={**EXAMPLE_ENV, "LLM_UPSTREAM": self.mock.url})
+        else:
+            target = Target(name, self.mock.url)
         try:
             return workloads(target, self.scripts, self.args)
         finally:
