@@ -235,12 +235,9 @@ def attempt(proxy: Gateway, trip: Trip) -> UpstreamReply:
     trip.started = time.monotonic()
     shape = _before_attempt(proxy, req) if proxy.overridden("before_attempt") else None
     trip.attempts = proxy.transport.attempts(route, trip.ureq, policy, timeouts(proxy), trip.upgrade, shape,
-                                             _check(proxy, trip, proxy.first_byte_timeout), _deadline(trip),
-                                             trip.trace)
-    try:
-        attempted = trip.attempts.first()
-    finally:
-        trip.attempts.check = None  # its closure holds the trip: kept, each request would be a cycle for the GC
+                                             _deadline(trip), trip.trace)
+    # The check is handed to the attempts, not kept by them: its closure holds the trip, which holds them.
+    attempted = trip.attempts.first(_check(proxy, trip, proxy.first_byte_timeout))
     _attempted(trip, attempted)
     if attempted.error is not None:
         raise attempted.error
@@ -402,7 +399,9 @@ def _check(proxy: Gateway, trip: Trip, wait: float, like: urllib3.HTTPHeaderDict
             if resuming and not _same_kind(like, reply.headers):
                 raise NoFirstUnit(BadUpstreamResponse("the resumed reply's body is not of the kind being relayed"),
                                   ValueError(f"Content-Type {header_rules.get(reply.headers, 'content-type')!r}"))
-            trip.primed = prime(reply, member, stream_settings(proxy), _within(wait, trip.attempts.deadline))
+            deadline = trip.attempts.deadline
+            within = wait if deadline is None else deadline.within(wait)
+            trip.primed = prime(reply, member, stream_settings(proxy), within)
             if resuming and not trip.primed.units and reply.status < 300:
                 raise NoFirstUnit(BadUpstreamResponse("the resumed reply ended before its first unit"), EOFError())
             ures.body = trip.primed.units[0] if trip.primed.units else b""  # the first unit, not its read's others
@@ -453,11 +452,6 @@ def _same_kind(sent: urllib3.HTTPHeaderDict, resumed: urllib3.HTTPHeaderDict) ->
         return is_event_stream(resumed)
     return not is_event_stream(resumed) and (header_rules.get(sent, "content-encoding", "")
                                              == header_rules.get(resumed, "content-encoding", ""))
-
-
-def _within(wait: float, deadline: Deadline | None) -> float:
-    """``wait``, cut to what is left of the deadline."""
-    return wait if deadline is None else min(wait, max(deadline.at - time.monotonic(), 0.001))
 
 
 def stream_settings(proxy: Gateway) -> StreamSettings:

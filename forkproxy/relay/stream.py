@@ -74,7 +74,7 @@ class Primed(NamedTuple):
     reply: UpstreamReply
     member: Upstream
     units: list[bytes]  # its first units; [] when the body ended before one
-    rest: Units  # the units after those, framed as they were
+    rest: Units | None  # the units after those, framed as they were; None: not framed yet (none read ahead)
 
 
 Resume = Callable[[StreamStats], "Primed | None"]
@@ -140,26 +140,20 @@ class StreamRelay:
                  trace: Any = NO_TRACE) -> None:
         self.req = req
         self.trace = trace
-        self.reply = reply
-        self.member = member
         self.hooks = hooks
         self.settings = settings
         self.resume = resume
         self.sse = is_event_stream(reply.headers)
         # An event stream is framed (and seen by hooks) decoded; other bodies pass as sent.
         self.decoded = self.sse and content_decoder(reply.headers) is not None
-        self.stats = stats = StreamStats(req)
-        stats.status, stats.headers, stats.upstream = reply.status, reply.headers, member.name
+        self.stats = StreamStats(req)
         self.out = StreamWriter()
         self.greenlet: gevent.Greenlet | None = None  # the request's, while the relay runs
         self.stopping = False  # the worker is stopping: shutdown.stop_all ended this stream
         self.end: StreamEnd | None = None  # how it ended, once it has
-        self._first: list[bytes] = primed.units if primed is not None else []
-        self._rest: Units | None = primed.rest if primed is not None else None
         self._units: Iterator[bytes] | None = None
         self._stop_reading: Callable[[], None] = _nothing
-        # From here on a read may wait ``stream_idle_timeout``, not ``timeout``.
-        reply.set_read_timeout(settings.idle_timeout or None)
+        self._follow(primed or Primed(reply, member, [], None))
 
     def head(self) -> tuple[int, list[tuple[str, str]]]:
         """The status and the upstream's fields as they go to the client, without forkproxy's own."""
@@ -284,12 +278,19 @@ class StreamRelay:
             return False
         if primed is None:
             return False
-        self.reply, self.member, self._first, self._rest = primed
-        primed.reply.set_read_timeout(self.settings.idle_timeout or None)
-        stats.status, stats.headers, stats.upstream, stats.error = (primed.reply.status, primed.reply.headers,
-                                                                    primed.member.name, None)
+        self._follow(primed)
+        stats.error = None
         stats.resumes += 1
         return True
+
+    def _follow(self, primed: Primed) -> None:
+        """Relay ``primed``'s reply from here on (the first, or one that resumed the stream): its units, the
+        first ones read already, and what ``stats`` says of the reply being relayed."""
+        reply = primed.reply
+        self.reply, self.member, self._first, self._rest = primed
+        self.stats.status, self.stats.headers, self.stats.upstream = reply.status, reply.headers, primed.member.name
+        # From here on a read may wait ``stream_idle_timeout``, not ``timeout``.
+        reply.set_read_timeout(self.settings.idle_timeout or None)
 
     def _open(self) -> None:
         counters = metrics()

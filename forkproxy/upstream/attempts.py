@@ -83,8 +83,11 @@ class Deadline(NamedTuple):
         left = self.at - time.monotonic()
         if left >= timeout.connect_timeout and left >= timeout.read_timeout:
             return timeout
-        left = max(left, 0.001)
-        return urllib3.Timeout(connect=min(timeout.connect_timeout, left), read=min(timeout.read_timeout, left))
+        return urllib3.Timeout(connect=self.within(timeout.connect_timeout), read=self.within(timeout.read_timeout))
+
+    def within(self, seconds: float) -> float:
+        """``seconds``, cut to what is left of it (at least a millisecond: a wait then runs into it at once)."""
+        return min(seconds, max(self.at - time.monotonic(), 0.001))
 
     def passed_after(self, seconds: float) -> bool:
         """Whether waiting ``seconds`` more would end at or past it."""
@@ -143,9 +146,9 @@ class Transport:
 
     def attempts(self, route: FixedRoute | PoolRoute, ureq: UpstreamRequest, policy: RetryPolicy,
                  timeout: urllib3.Timeout, upgrade: str | None = None, shape: Shape | None = None,
-                 check: Check | None = None, deadline: Deadline | None = None, trace: Any = NO_TRACE) -> Attempts:
+                 deadline: Deadline | None = None, trace: Any = NO_TRACE) -> Attempts:
         """The attempts of one request, ready to start (``Attempts.first``)."""
-        return Attempts(self, route, ureq, policy, timeout, upgrade, shape, check, deadline, trace)
+        return Attempts(self, route, ureq, policy, timeout, upgrade, shape, deadline, trace)
 
 
 class Attempts:
@@ -156,12 +159,12 @@ class Attempts:
     members and the same deadline as the attempts that got its head.
     """
 
-    __slots__ = ("transport", "route", "ureq", "policy", "timeout", "upgrade", "shape", "check", "deadline",
+    __slots__ = ("transport", "route", "ureq", "policy", "timeout", "upgrade", "shape", "deadline",
                  "trace", "retry", "headers", "sent")
 
     def __init__(self, transport: Transport, route: FixedRoute | PoolRoute, ureq: UpstreamRequest,
                  policy: RetryPolicy, timeout: urllib3.Timeout, upgrade: str | None, shape: Shape | None,
-                 check: Check | None, deadline: Deadline | None, trace: Any = NO_TRACE) -> None:
+                 deadline: Deadline | None, trace: Any = NO_TRACE) -> None:
         self.transport = transport
         self.route = route
         self.ureq = ureq
@@ -169,14 +172,13 @@ class Attempts:
         self.timeout = timeout
         self.upgrade = upgrade  # the protocols a tunnel request asks for: the reply may be its 101
         self.shape = shape  # before_attempt: each attempt's own request, made from ureq (which stays as it is)
-        self.check = check  # judge_reply and the first unit: each reply head's verdict, or its AttemptFailed
         self.deadline = deadline
         self.trace = trace  # the request's trace: a CLIENT span per attempt (``forkproxy.tracing``)
         self.retry: Retry | None = None  # urllib3's count of the retries made, from the first on
         self.headers: urllib3.HTTPHeaderDict | None = None  # ureq's on the wire, when no shape makes them per attempt
         self.sent = 0  # attempts begun (failovers from a member sent nothing included): the next one's resend count
 
-    def first(self) -> Attempted:
+    def first(self, check: Check | None = None) -> Attempted:
         """Make the attempts the request gets; the reply's body is still unread (unless ``check`` read some).
 
         A member that was sent nothing (failed connect or TLS handshake) is
@@ -202,8 +204,7 @@ class Attempts:
         except NoLiveUpstream as error:
             return Attempted(None, error, 0, None)
         while True:
-            limit = self.timeout if deadline is None else deadline.cut(self.timeout)
-            outcome, verdict = self._attempt(member, self.ureq, self.headers, limit, self.check)
+            outcome, verdict = self._attempt(member, self.ureq, self.headers, self._limit(self.timeout), check)
             # The policy is the hook's object, its methods perhaps the hook's code: what they raise leaves
             # no reply held (its connection closed, its member's in-flight count down).
             try:
@@ -256,12 +257,16 @@ class Attempts:
             if ureq is None:
                 route.abandoned()
                 return None
-            limit = timeout if deadline is None else deadline.cut(timeout)
-            outcome, verdict = self._attempt(member, ureq, None if self.shape else wire_headers(ureq), limit, check)
+            outcome, verdict = self._attempt(member, ureq, None if self.shape else wire_headers(ureq),
+                                             self._limit(timeout), check)
             if isinstance(outcome, UpstreamReply):
                 if verdict in (ACCEPT, None) and outcome.status < 300:
                     return outcome
                 outcome.close()
+
+    def _limit(self, timeout: urllib3.Timeout) -> urllib3.Timeout:
+        """An attempt's timeouts: ``timeout``, cut to what is left of the deadline."""
+        return timeout if self.deadline is None else self.deadline.cut(timeout)
 
     def made(self) -> int:
         """Attempts made so far, the one under way included."""
