@@ -81,9 +81,6 @@ class NoTrace:
     def first_unit(self) -> None:
         pass
 
-    def end(self, error_type: str | None = None) -> None:
-        pass
-
     def answered(self, status: int, error_type: str | None = None) -> None:
         pass
 

@@ -184,7 +184,7 @@ class RequestTrace:
         if self.recording:
             self.span.add_event(FIRST_UNIT)
 
-    def end(self, error_type: str | None = None) -> None:
+    def _end(self, error_type: str | None = None) -> None:
         """The request is over. ``error_type``: the proxy error's type; else a 5xx relayed counts as an error."""
         if not self.recording:
             return
@@ -199,7 +199,7 @@ class RequestTrace:
     def answered(self, status: int, error_type: str | None = None) -> None:
         """A reply sent whole (every request neither streamed nor tunnelled): its status, then the end."""
         self.status(status)
-        self.end(error_type)
+        self._end(error_type)
 
     def stream_ended(self, stats: Any, error_type: str | None = None) -> None:
         """A stream's end (``StreamStats``): bytes, units, resumes, errored, client_disconnected; then the span's end."""
@@ -212,7 +212,7 @@ class RequestTrace:
             "forkproxy.stream.errored": stats.errored,
             "forkproxy.stream.client_disconnected": stats.client_disconnected,
         })
-        self.end(error_type if error_type is not None or not stats.errored else "stream_cut")
+        self._end(error_type if error_type is not None or not stats.errored else "stream_cut")
 
     def tunnel_ended(self, stats: Any) -> None:
         """A tunnel's end (``TunnelStats``): bytes and messages each way, who closed it; then the span's end."""
@@ -225,7 +225,7 @@ class RequestTrace:
             "forkproxy.tunnel.messages_from_upstream": stats.messages_from_upstream,
             "forkproxy.tunnel.closed_by": stats.closed_by,
         })
-        self.end("tunnel_cut" if stats.errored else None)
+        self._end("tunnel_cut" if stats.errored else None)
 
 
 class AttemptTrace:
