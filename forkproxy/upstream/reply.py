@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import gevent.socket
 from gevent import Timeout
+from gevent.hub import get_hub
 from urllib3 import HTTPHeaderDict
 
 from forkproxy.http.chunked import Dechunker
@@ -164,29 +165,32 @@ class UpstreamReply:
         sock, first = self.take_socket()
         held = [first] if first else []
         recv = sock.recv
+        if type(sock) is not gevent.socket.socket:  # TLS may hold decrypted bytes the socket no longer shows
+            return _read_held_first(held, recv)
         # A gevent socket with a timeout makes and drops a Timeout on every wait; one kept for
         # the stream, started and cancelled around each read, bounds the wait the same way.
-        # (A blocking stdlib socket keeps its own timeout: no hub would run the timer.)
-        if isinstance(sock, gevent.socket.socket):
-            self._idle, self._waiting = _idle_timer(sock.gettimeout()), True
-            sock.settimeout(None)
+        self._idle, self._waiting = _idle_timer(sock.gettimeout()), True
+        sock.settimeout(None)
+        # After a short read the next bytes are rarely there yet: wait until the socket is readable,
+        # then read once, instead of a read that finds nothing (a syscall and an exception) first.
+        readable, wait = get_hub().loop.io(sock.fileno(), 1), get_hub().wait
+        short = [False]
 
         def read(n: int) -> bytes:
             if held:
-                data = held.pop()
-                if len(data) > n:
-                    held.append(data[n:])
-                    data = data[:n]
-                if data:
-                    return data
+                return _take_held(held, n)
             idle = self._idle
-            if idle is None:
-                return recv(n)
-            idle.start()
+            if idle is not None:
+                idle.start()
             try:
-                return recv(n)
+                if short[0]:
+                    wait(readable)
+                data = recv(n)
             finally:
-                idle.cancel()
+                if idle is not None:
+                    idle.cancel()
+            short[0] = len(data) < n
+            return data
         return read
 
     def socket(self) -> Any:
@@ -229,6 +233,22 @@ class UpstreamReply:
         """Abandon the body: the connection is closed, never reused."""
         self._done = False
         self.release()
+
+
+def _read_held_first(held: list[bytes], recv: Callable[[int], bytes]) -> Callable[[int], bytes]:
+    """A plain read that gives the bytes held from the reader first."""
+    def read(n: int) -> bytes:
+        return _take_held(held, n) if held else recv(n)
+    return read
+
+
+def _take_held(held: list[bytes], n: int) -> bytes:
+    """At most ``n`` of the bytes held; the rest stays held."""
+    data = held.pop()
+    if len(data) > n:
+        held.append(data[n:])
+        data = data[:n]
+    return data
 
 
 def _idle_timer(seconds: float | None) -> Timeout | None:
