@@ -1,4 +1,5 @@
 """What reaches the upstream and what comes back, through real gunicorn."""
+import email.utils
 import gzip
 import socket
 import time
@@ -193,6 +194,20 @@ def test_the_client_gets_one_date_and_one_server_header(gateway, upstream):
     upstream.route(path, lambda h, s: h.reply(200, b"ok"))  # http.server sends its own Date and Server
     reply = request(gateway.url, "GET", path)
     assert len(reply.all("Date")) == 1 and len(reply.all("Server")) == 1
+
+
+def test_the_date_header_is_the_time_of_the_reply_to_the_second(gateway, upstream):
+    # The worker formats Date once a second: a reply a second later must not carry the old one.
+    path = unique("/date-now")
+    upstream.route(path, lambda h, s: h.reply(200, b"ok"))
+    dates = []
+    for _ in range(2):
+        before = int(time.time())
+        date = email.utils.parsedate_to_datetime(request(gateway.url, "GET", path).header("Date")).timestamp()
+        assert before <= date <= time.time()
+        dates.append(date)
+        time.sleep(1.1)
+    assert dates[1] > dates[0]
 
 
 def test_the_request_target_reaches_the_upstream_byte_for_byte(gateway, upstream):

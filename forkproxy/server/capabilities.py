@@ -166,6 +166,9 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("gunicorn", "gunicorn.util", "write",
              "server/worker.py replaces it in each worker: a reply's pieces go out in one send, not sendall's "
              "three syscalls", _takes("sock", "data", "chunked")),
+    Internal("gunicorn", "gunicorn.util", "http_date",
+             "server/worker.py replaces it in each worker: the Date header formatted once a second",
+             _takes("timestamp")),
     Internal("gunicorn", "gunicorn.workers.base", "Worker.handle_exit",
              "server/shutdown.py polls worker.alive, which it clears on SIGTERM", _assigns("alive")),
 )

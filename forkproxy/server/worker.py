@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, NamedTuple, NoReturn
 
@@ -58,6 +59,7 @@ def configure_worker(worker: Any) -> None:
     _access_logger = worker.log
     _answer_refusals_in_json()
     _write_in_one_send()
+    _date_once_a_second()
     shutdown.watch(worker)
     ours, theirs = logging.getLogger("forkproxy"), logging.getLogger("gunicorn.error")
     ours.handlers = list(theirs.handlers)
@@ -146,6 +148,28 @@ def _write_in_one_send() -> None:
             sock.sendall(memoryview(data)[sent:])
 
     util.write = write
+
+
+def _date_once_a_second() -> None:
+    """Have gunicorn format its Date header once a second, not once per reply (as nginx does).
+
+    ``gunicorn.util.http_date`` builds the text with ``email.utils`` on every
+    reply: about 3% of a small proxied request's CPU. The text only changes
+    when the second does; gunicorn looks the function up at call time.
+    """
+    from gunicorn import util  # its http_date: checked at start (server/capabilities.py)
+
+    format_date, last = util.http_date, [-1, ""]
+
+    def http_date(timestamp: float | None = None) -> str:
+        if timestamp is not None:
+            return format_date(timestamp)
+        now = int(time.time())
+        if now != last[0]:
+            last[:] = now, format_date(now)
+        return last[1]
+
+    util.http_date = http_date
 
 
 class _Served(NamedTuple):

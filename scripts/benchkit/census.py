@@ -59,6 +59,9 @@ def traced(app):
 
 
 def _app():
+    if os.environ.get("CENSUS_APP") == "pool_floor":
+        from scripts.benchkit.apps import pool_floor
+        return traced(pool_floor)
     import forkproxy.app
     return traced(forkproxy.app.application)
 
@@ -93,6 +96,9 @@ def report(idle: dict, held: dict, streams: int, rss_kib: float, top: int) -> No
         frames = [f"{Path(f.filename).name}:{f.lineno}" for f in reversed(stat.traceback)]
         print(f"  {stat.size_diff / streams:8.0f} B  {stat.count_diff / streams:5.1f} blocks  "
               + " < ".join(frames[:5]))
+    print("\nbytes per stream by the package that allocated (innermost frame):")
+    for package, size in _by_package(diff).most_common():
+        print(f"  {size / streams:8.0f} B  {package}")
     grown = {name: held["types"].get(name, 0) - idle["types"].get(name, 0) for name in held["types"]}
     print("\nobjects tracked by the GC, per stream:")
     for name, n in sorted(grown.items(), key=lambda kv: -kv[1])[:top]:
@@ -100,17 +106,30 @@ def report(idle: dict, held: dict, streams: int, rss_kib: float, top: int) -> No
             print(f"  {n / streams:5.2f}  {name}")
 
 
+def _by_package(diff: list) -> collections.Counter:
+    sizes: collections.Counter = collections.Counter()
+    for stat in diff:
+        path = stat.traceback[-1].filename
+        parts = Path(path).parts
+        package = next((p for p in ("forkproxy", "gunicorn", "gevent", "urllib3", "greenlet") if p in parts),
+                       "python" if "site-packages" not in parts else parts[parts.index("site-packages") + 1])
+        sizes[package] += stat.size_diff
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("streams", type=int, nargs="?", default=1000)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--app", choices=("forkproxy", "pool_floor"), default="forkproxy",
+                        help="pool_floor: the design's floor (scripts/benchkit/apps.py), for comparison")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="bench-census-"))
     port = free_port()
     upstream = Process()
     upstream.spawn([sys.executable, "-m", "scripts.benchkit.sse", "serve", str(port)], LOAD_CPU)
     wait_port(port)
-    target = Target("census", f"http://127.0.0.1:{port}", env={"CENSUS_DIR": str(directory)})
+    target = Target("census", f"http://127.0.0.1:{port}", env={"CENSUS_DIR": str(directory), "CENSUS_APP": args.app})
     try:
         _release(_hold(target, args.streams))  # warm: pools, caches, the allocators' arenas
         time.sleep(1)
