@@ -17,7 +17,11 @@ difference of the two); ``judge_reply`` returning None; ``resume_stream``
 returning False (asked only when a stream fails: none does here);
 ``deadline=60``; ``rate_limits`` returning one ``Limit`` in the ``local``
 store (in /dev/shm, as ``local`` is, far above the load, as ``--limits`` sets
-it up).
+it up); ``on_stream_chunk`` writing each unit back (what a hook costs per
+unit); ``on_ws_message`` defined (it only runs in tunnels: none here, so its
+row shows what a hook that does not apply costs); and traces on, every
+request sampled and exported to the receiver of ``scripts/benchkit/tracing.py``
+on CPU 1 (``--tracing`` has 1% sampling too).
 
 Variants alternate within each of ``--repeat`` rounds (the order reversed on
 every other round, against drift); ``off`` runs twice in each round (first and
@@ -25,8 +29,8 @@ last), and the gap between its two medians is this run's own measure of
 noise. Every target is probed once before its load (status, and the stream's
 event count), so a capability that breaks a reply fails the bench instead of
 looking cheap. Each variant starts its worker twice a round (one upstream
-each), so a round costs 18 x (``--seconds`` + 1 s of warm-up + ~2 s to start
-and stop): the defaults (3 rounds of 3 s) take about 5 minutes.
+each), so a round costs 24 x (``--seconds`` + 1 s of warm-up + ~2 s to start
+and stop): the defaults (3 rounds of 3 s) take about 7 minutes.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from scripts.benchkit import harness
+from scripts.benchkit import harness, tracing
 from scripts.benchkit.harness import ROOT, Target, alternating_args, cpu_per_request, free_port, static_upstream
 
 CHOICE = "BENCH_CAPABILITY"  # in the worker: which variant ``app`` is
@@ -51,7 +55,9 @@ AGAIN = "off, again"  # the second ``off`` of each round: not a variant of its o
 LABELS = {"off": "off (Proxy(upstream))", "first_byte": "first_byte_timeout=10",
           "pool": "UpstreamPool, 1 member", "before_attempt": "pool + before_attempt",
           "judge_reply": "judge_reply -> None", "resume_stream": "resume_stream -> False",
-          "deadline": "deadline=60", "rate_limits": "rate_limits, 1 local Limit"}
+          "deadline": "deadline=60", "rate_limits": "rate_limits, 1 local Limit",
+          "stream_chunk": "on_stream_chunk, pass-through", "ws_message": "on_ws_message (no tunnel)",
+          "tracing": "tracing, 100% sampled"}
 
 
 def _variants() -> dict:
@@ -73,6 +79,14 @@ def _variants() -> dict:
         def resume_stream(self, req, ureq, stats, upstream):
             return False
 
+    class StreamChunk(Proxy):
+        def on_stream_chunk(self, chunk, out, stats):
+            out.write(chunk)
+
+    class WsMessage(Proxy):
+        def on_ws_message(self, msg, out, stats):
+            out.send(msg)
+
     class RateLimited(Proxy):
         def rate_limits(self, req):
             return [Limit("rpm:bench-client", rate=1e9, per=60)]
@@ -81,7 +95,8 @@ def _variants() -> dict:
             "pool": lambda url: Proxy(pool(url)), "before_attempt": lambda url: BeforeAttempt(pool(url)),
             "judge_reply": JudgeReply, "resume_stream": ResumeStream,
             "deadline": lambda url: Proxy(url, deadline=60),
-            "rate_limits": lambda url: RateLimited(url, limits_store=os.environ[STORE])}
+            "rate_limits": lambda url: RateLimited(url, limits_store=os.environ[STORE]),
+            "stream_chunk": StreamChunk, "ws_message": WsMessage, "tracing": Proxy}
 
 
 app = _variants()[os.environ[CHOICE]](os.environ["BENCH_UPSTREAM"]) if CHOICE in os.environ else None
@@ -124,16 +139,18 @@ def measure(choice: str, upstream: str, path: str, secs: float, env: dict) -> fl
         target.stop()
 
 
-def rounds(args, static: str, sse: str, env: dict) -> dict:
+def rounds(args, static: str, sse: str, env: dict, receiver: harness.Upstream) -> dict:
     """Every variant's runs: {name: {"small": [...], "sse": [...]}}, alternating within each round."""
+    traced = {**env, **tracing.variant_env("on, 100%", receiver)}
     order = [*LABELS, AGAIN]
     runs = {name: {"small": [], "sse": []} for name in order}
     for rep in range(args.repeat):
         for name in order if rep % 2 == 0 else order[::-1]:
             choice = "off" if name == AGAIN else name
             print(f"[{rep + 1}/{args.repeat}] {name}", flush=True)
-            runs[name]["small"].append(measure(choice, static, "/b/small", args.seconds, env))
-            runs[name]["sse"].append(measure(choice, sse, SSE_PATH, args.seconds, env))
+            variant_env = traced if name == "tracing" else env
+            runs[name]["small"].append(measure(choice, static, "/b/small", args.seconds, variant_env))
+            runs[name]["sse"].append(measure(choice, sse, SSE_PATH, args.seconds, variant_env))
     return runs
 
 
@@ -193,17 +210,18 @@ def write_json(runs: dict, table: dict, args, changed: list[str]) -> Path:
 def main() -> None:
     from forkproxy.limits.paths import default_path
 
-    args = alternating_args(__doc__, 3)  # 3 rounds of 3 s: about 5 minutes on 2 cores
+    args = alternating_args(__doc__, 3)  # 3 rounds of 3 s: about 7 minutes on 2 cores
     html = Path(tempfile.mkdtemp(prefix="capabilities-"))
     port = free_port()
-    static, sse = static_upstream(port, html), harness.Upstream("sse")
+    static, sse, receiver = static_upstream(port, html), harness.Upstream("sse"), harness.Upstream("tracing")
     local = Path(default_path()).parent / f"forkproxy-bench-{os.getpid()}.lmdb"  # /dev/shm, as ``local`` is
     before = sources()
     try:
-        runs = rounds(args, f"http://127.0.0.1:{port}", sse.url, {STORE: f"local:{local}"})
+        runs = rounds(args, f"http://127.0.0.1:{port}", sse.url, {STORE: f"local:{local}"}, receiver)
     finally:
         static.stop()
         sse.stop()
+        receiver.stop()
         shutil.rmtree(html, ignore_errors=True)
         for suffix in ("", "-lock"):
             Path(f"{local}{suffix}").unlink(missing_ok=True)
