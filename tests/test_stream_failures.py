@@ -175,6 +175,53 @@ def test_client_that_goes_away_closes_the_upstream_connection(streams):
         server.close()
 
 
+def silent_after_one_event(proxy_hung_up):
+    """An upstream that sends one event, then nothing (a model thinking); sets ``proxy_hung_up`` at its EOF."""
+    def script(conn):
+        conn.sendall(HEAD + chunk(b"data: 0\n\n"))
+        conn.settimeout(30)
+        try:
+            if conn.recv(1) == b"":
+                proxy_hung_up.set()
+        except OSError:
+            proxy_hung_up.set()
+    return raw_upstream(script)
+
+
+def test_a_client_that_leaves_a_silent_stream_ends_it_at_once(streams_factory):
+    # Not at the next write, nor at stream_idle_timeout (60 s here): the upstream stops working for nobody.
+    g = streams_factory(TEST_IDLE="60", TEST_MAX_EVENT="65536", TEST_MAX_RESPONSE="1000")
+    proxy_hung_up = threading.Event()
+    server = silent_after_one_event(proxy_hung_up)
+    path = unique()
+    try:
+        client = StreamClient(g.url, path, headers={"X-Test-Upstream": server.url})
+        client.read_head()
+        assert client.next_chunk() == b"data: 0\n\n"
+        time.sleep(0.3)  # the relay waits for the upstream's next bytes
+        client.close()
+        assert proxy_hung_up.wait(10), "the proxy kept the upstream connection of a client that left"
+        record = g.records.wait_one(path)
+        assert record["client_disconnected"] and not record["errored"] and record["error"] is None
+        assert (record["chunk_count"], "Traceback" in g.log()) == (1, False)
+    finally:
+        server.close()
+
+
+def test_a_client_that_sends_bytes_during_a_stream_keeps_its_stream(streams_factory, upstream):
+    # Readable is not gone: a pipelined request waits for the stream's end, which arrives whole.
+    g = streams_factory(TEST_IDLE="60", TEST_MAX_EVENT="65536", TEST_MAX_RESPONSE="1000")
+    path = unique()
+    upstream.route(path, event_stream(3, gap=0.3))
+    client = StreamClient(g.url, path)
+    client.read_head()
+    assert client.next_chunk() == b"data: 0\n\n"
+    client.sock.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [client.next_chunk(), client.next_chunk()] == [b"data: 1\n\n", b"data: 2\n\n"]
+    record = g.records.wait_one(path)
+    assert not record["client_disconnected"] and not record["errored"] and record["chunk_count"] == 3
+
+
 def test_a_raising_chunk_hook_cuts_the_stream_and_the_worker_serves_on(streams, upstream):
     path = unique()
 

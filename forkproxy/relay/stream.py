@@ -45,6 +45,7 @@ from forkproxy.relay.heartbeat import HEARTBEAT, Units, paced
 from forkproxy.server import shutdown
 from forkproxy.server.inbound import REQUEST_ID_HEADER
 from forkproxy.tracing import NO_TRACE
+from forkproxy.upstream.body import ClientLeft
 from forkproxy.upstream.failures import NoFirstUnit, body_error
 from forkproxy.upstream.members import Upstream
 from forkproxy.upstream.reply import UpstreamReply
@@ -206,6 +207,9 @@ class StreamRelay:
         except GeneratorExit:  # the server closed us: the client went away, or the worker stopped us
             self.finish(_WORKER_STOPPING if self.stopping else _CLIENT_GONE)
             raise
+        except ClientLeft as left:  # seen while waiting for the upstream, before any write failed
+            self.finish(_CLIENT_GONE)
+            raise StreamAborted(str(left)) from None
         except BaseException as exc:
             # The worker is stopping (forkproxy's shutdown, or gunicorn killing what outlived
             # graceful_timeout), or something unforeseen broke: the stream still ends once, billed.
@@ -340,6 +344,7 @@ class StreamRelay:
         """A function giving the units of one read, None at the end; with heartbeats, if they are on."""
         next_units = self._rest or framed_units(self.reply, self.member, self.settings)
         self._rest = None
+        self.reply.watch_client(self.req.environ.get("gunicorn.socket"))
         interval = self.settings.heartbeat_secs
         if self.sse and interval:
             next_units, self._stop_reading = paced(next_units, interval)
@@ -378,29 +383,39 @@ def prime(reply: UpstreamReply, member: Upstream, settings: StreamSettings, wait
 
 def framed_units(reply: UpstreamReply, member: Upstream, settings: StreamSettings) -> Units:
     """A function giving the units of one read of ``reply``'s body, None at its end; a failed read raises ``_Ended``."""
-    sse, origin = is_event_stream(reply.headers), member.base.origin
+    sse = is_event_stream(reply.headers)
     pieces = _body_pieces(reply, settings, content_decoder(reply.headers) if sse else None, sse)
-    if sse:
-        framer = EventFramer(settings.max_event_bytes)
+    return _FramedUnits(pieces, EventFramer(settings.max_event_bytes) if sse else None, member.base.origin).next
 
-        def units() -> list[bytes] | None:
-            got = pieces()
+
+class _FramedUnits:
+    """A body's pieces cut into units: events of an event stream, else each piece as it came.
+
+    Kept by the relay for the stream's life: slots, not closures (see upstream/body.py).
+    """
+
+    __slots__ = ("_pieces", "_framer", "_origin")
+
+    def __init__(self, pieces: Units, framer: EventFramer | None, origin: str) -> None:
+        self._pieces, self._framer, self._origin = pieces, framer, origin
+
+    def next(self) -> list[bytes] | None:
+        try:
+            got = self._pieces()
+            framer = self._framer
+            if framer is None:
+                return got
             if got is None:
                 return framer.finish() or None
+            if len(got) == 1:
+                return framer.feed(got[0])
             return [event for piece in got for event in framer.feed(piece)]
-    else:
-        units = pieces
-
-    def checked() -> list[bytes] | None:
-        try:
-            return units()
         except EventTooLarge as exc:
             raise _Ended(StreamEnd("upstream_failed", str(exc), error=BadUpstreamResponse(str(exc)))) from exc
         except (urllib3.exceptions.HTTPError, HTTPException, OSError, ValueError) as exc:
             error = body_error(exc)
-            detail = f"{error.message} ({origin}: {type(exc).__name__}: {exc})"
+            detail = f"{error.message} ({self._origin}: {type(exc).__name__}: {exc})"
             raise _Ended(StreamEnd("upstream_failed", detail, error=error)) from exc
-    return checked
 
 
 def _body_pieces(reply: UpstreamReply, settings: StreamSettings, decoder: MultiDecoder | None, sse: bool) -> Units:

@@ -60,6 +60,7 @@ def configure_worker(worker: Any) -> None:
     _answer_refusals_in_json()
     _write_in_one_send()
     _date_once_a_second()
+    _no_spawning_stacks()
     shutdown.watch(worker)
     ours, theirs = logging.getLogger("forkproxy"), logging.getLogger("gunicorn.error")
     ours.handlers = list(theirs.handlers)
@@ -148,6 +149,20 @@ def _write_in_one_send() -> None:
             sock.sendall(memoryview(data)[sent:])
 
     util.write = write
+
+
+def _no_spawning_stacks() -> None:
+    """Spawn each connection's greenlet without recording the stack that spawned it, unless asked for.
+
+    gevent records it by default (``track_greenlet_tree``) for debugging
+    tools; every open connection (each held stream) would keep those
+    frames for its whole life, and each spawn would pay for walking the
+    stack. ``GEVENT_TRACK_GREENLET_TREE=1`` keeps gevent's default.
+    """
+    import gevent
+
+    if "GEVENT_TRACK_GREENLET_TREE" not in os.environ:
+        gevent.config.track_greenlet_tree = False
 
 
 def _date_once_a_second() -> None:

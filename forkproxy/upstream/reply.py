@@ -14,11 +14,9 @@ from ssl import SSLWantReadError
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import gevent.socket
-from gevent import Timeout
-from gevent.hub import get_hub
 from urllib3 import HTTPHeaderDict
 
-from forkproxy.http.chunked import Dechunker
+from forkproxy.upstream.body import WaitingRead, idle_timer, reader_for
 from forkproxy.http.wire import Framing, StatusLine
 
 if TYPE_CHECKING:
@@ -38,7 +36,7 @@ class UpstreamReply:
     """Status, headers and the unread body of one upstream response."""
 
     __slots__ = ("status", "reason", "headers", "framing", "on_release", "_fp", "_conn", "_connections", "_done",
-                 "_waiting", "_idle", "_reading")
+                 "_waiting", "_reading")
 
     def __init__(self, connections: "HTTPConnectionPool", conn: "HTTPConnection", fp: BinaryIO,
                  status: StatusLine, headers: HTTPHeaderDict, framing: Framing) -> None:
@@ -51,8 +49,7 @@ class UpstreamReply:
         self._connections = connections
         self._done = framing.length == 0 and not framing.chunked
         self.on_release: Callable[[], None] | None = None  # told once: the attempt that got this reply is over
-        self._waiting = False  # a waiting reader reads the body: its own timer bounds each wait (``_idle``)
-        self._idle: Timeout | None = None
+        self._waiting: WaitingRead | None = None  # a stream's read: its own timer bounds each wait
         self._reading = False  # a reader of the body was made: what it read is gone from the connection
 
     def get_redirect_location(self) -> bool:
@@ -86,8 +83,8 @@ class UpstreamReply:
 
     def set_read_timeout(self, seconds: float | None) -> None:
         """The longest one read may wait from now on (None: for ever)."""
-        if self._waiting:
-            self._idle = _idle_timer(seconds)
+        if self._waiting is not None:
+            self._waiting.idle = idle_timer(seconds)
             return
         conn = self._conn
         if conn is not None and conn.sock is not None:
@@ -106,92 +103,27 @@ class UpstreamReply:
         """The body as a function giving the bytes of one read of at most ``size``.
 
         ``waiting`` is for bodies that mostly wait (streams): the wait happens
-        in the reader's own small buffer, not in a ``size``-byte one.
+        in the socket, not in a ``size``-byte buffer (``body.WaitingRead``).
         """
-        fp, framing = self._fp, self.framing
         self._reading = True
-        read1 = self._waiting_read() if waiting else fp.read1
-        if framing.chunked:
-            return self._chunks(read1, size)
-        if framing.length is not None:
-            return self._sized(read1, size, framing.length)
-        return self._to_close(read1, size)
+        read = self._fp.read1
+        if waiting:
+            sock, held = self.take_socket()
+            hub_timed = type(sock) is gevent.socket.socket  # a TLS socket keeps its own timeout
+            waiter = WaitingRead(sock, held, hub_timed)
+            if hub_timed:
+                self._waiting = waiter  # set_read_timeout sets its timer
+            read = waiter.read
+        return reader_for(self.framing)(self, read, size).next
 
-    def _chunks(self, read1: Callable[[int], bytes], size: int) -> Pieces:
-        dechunker = Dechunker(size)
+    def watch_client(self, client: Any) -> None:
+        """A stream's waits also notice the client's connection ending (``body.ClientLeft``); plain sockets only."""
+        if self._waiting is not None and type(client) is gevent.socket.socket:
+            self._waiting.watch(client)
 
-        def chunks() -> list[bytes] | None:
-            if dechunker.done:
-                self._done = True
-                return None
-            dechunker.raise_if_broken()  # fail now, not after waiting for bytes that may never come
-            data = read1(size)
-            if not data:
-                dechunker.finish()  # raises: the body ended inside the coding
-            return dechunker.feed(data)
-        return chunks
-
-    def _sized(self, read1: Callable[[int], bytes], size: int, length: int) -> Pieces:
-        owed = [length]
-
-        def sized() -> list[bytes] | None:
-            if not owed[0]:
-                self._done = True
-                return None
-            data = read1(min(size, owed[0]))
-            if not data:
-                raise IncompleteRead(b"", owed[0])
-            owed[0] -= len(data)
-            return [data]
-        return sized
-
-    def _to_close(self, read1: Callable[[int], bytes], size: int) -> Pieces:
-        def to_close() -> list[bytes] | None:
-            data = read1(size)
-            if not data:
-                self._done = True
-                return None
-            return [data]
-        return to_close
-
-    def _waiting_read(self) -> Callable[[int], bytes]:
-        """A read for a body that mostly waits: straight from the socket once the reader is empty.
-
-        A socket read waits with no buffer allocated (gevent allocates it when
-        bytes are there), and with fewer frames on the greenlet's stack, which
-        is saved to the heap while the stream waits. The reader may hold the
-        first body bytes (read with the head): those come first.
-        """
-        sock, first = self.take_socket()
-        held = [first] if first else []
-        recv = sock.recv
-        if type(sock) is not gevent.socket.socket:  # TLS may hold decrypted bytes the socket no longer shows
-            return _read_held_first(held, recv)
-        # A gevent socket with a timeout makes and drops a Timeout on every wait; one kept for
-        # the stream, started and cancelled around each read, bounds the wait the same way.
-        self._idle, self._waiting = _idle_timer(sock.gettimeout()), True
-        sock.settimeout(None)
-        # After a short read the next bytes are rarely there yet: wait until the socket is readable,
-        # then read once, instead of a read that finds nothing (a syscall and an exception) first.
-        readable, wait = get_hub().loop.io(sock.fileno(), 1), get_hub().wait
-        short = [False]
-
-        def read(n: int) -> bytes:
-            if held:
-                return _take_held(held, n)
-            idle = self._idle
-            if idle is not None:
-                idle.start()
-            try:
-                if short[0]:
-                    wait(readable)
-                data = recv(n)
-            finally:
-                if idle is not None:
-                    idle.cancel()
-            short[0] = len(data) < n
-            return data
-        return read
+    def body_ended(self) -> None:
+        """A reader read the body to its end: the connection can be reused."""
+        self._done = True
 
     def socket(self) -> Any:
         return self._conn.sock
@@ -233,24 +165,3 @@ class UpstreamReply:
         """Abandon the body: the connection is closed, never reused."""
         self._done = False
         self.release()
-
-
-def _read_held_first(held: list[bytes], recv: Callable[[int], bytes]) -> Callable[[int], bytes]:
-    """A plain read that gives the bytes held from the reader first."""
-    def read(n: int) -> bytes:
-        return _take_held(held, n) if held else recv(n)
-    return read
-
-
-def _take_held(held: list[bytes], n: int) -> bytes:
-    """At most ``n`` of the bytes held; the rest stays held."""
-    data = held.pop()
-    if len(data) > n:
-        held.append(data[n:])
-        data = data[:n]
-    return data
-
-
-def _idle_timer(seconds: float | None) -> Timeout | None:
-    """A reusable bound on one read's wait: it raises ``TimeoutError``, as a socket's own timeout does."""
-    return None if seconds is None else Timeout(seconds, TimeoutError)

@@ -22,6 +22,7 @@ import time  # noqa: E402
 from urllib.parse import parse_qs, urlsplit  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.pool  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 _EVENT = re.compile(rb"data: ([0-9.]+)\n\n")
@@ -150,10 +151,20 @@ def hold(url: str, streams: int, seconds: float) -> None:
     hold_open(lambda: _first_event(url), streams, seconds)
 
 
+_OPENING = 256
+
+
 def hold_open(open_one, count: int, seconds: float) -> None:
-    """Open ``count`` connections with ``open_one``, say "READY n", hold them ``seconds``, close them."""
+    """Open ``count`` connections with ``open_one``, say "READY n", hold them ``seconds``, close them.
+
+    At most ``_OPENING`` are being opened at a time: thousands of connects at
+    once overflow the listen queue (somaxconn) and fail instead of waiting.
+    """
     socks = []
-    gevent.joinall([gevent.spawn(lambda: socks.append(open_one())) for _ in range(count)], timeout=60)
+    opening = gevent.pool.Pool(_OPENING)
+    for _ in range(count):
+        opening.spawn(lambda: socks.append(open_one()))
+    opening.join(timeout=120)
     print(f"READY {len(socks)}", flush=True)
     gevent.sleep(seconds)
     for sock in socks:
