@@ -46,7 +46,7 @@ def _pool_floor():
                                     assert_same_host=False, timeout=timeout, release_conn=False)
         if reply.headers.get("content-type", "").startswith("text/event-stream"):
             start_response(f"{reply.status} OK", [("Content-Type", "text/event-stream")])
-            return _relayed(reply)
+            return _relayed(reply, environ.get("gunicorn.socket"))
         data = reply.read_sized()
         reply.release()
         start_response(f"{reply.status} OK", [("Content-Length", str(len(data)))])
@@ -54,9 +54,11 @@ def _pool_floor():
     return app
 
 
-def _relayed(reply):
-    """The upstream's body as its reads give it, dechunked: no framing, hooks or checks."""
+def _relayed(reply, client):
+    """The upstream's body as its reads give it, dechunked: no framing, hooks or checks (a client that
+    leaves is noticed while the read waits, as forkproxy does)."""
     next_pieces = reply.pieces(waiting=True)
+    reply.watch_client(client)
     while (pieces := next_pieces()) is not None:
         yield from pieces
     reply.release()
