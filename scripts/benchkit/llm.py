@@ -5,7 +5,9 @@ An OpenAI-compatible mock (``scripts/benchkit/openai.py``) on CPU 1 answers
 chunks plus usage. Each target runs one worker pinned to CPU 0 (wrk and the
 timing client on CPU 1):
 
-- ``direct``: the mock itself; ``nginx``: proxy_pass; ``forkproxy``:
+- ``direct``: the mock itself; ``nginx``: proxy_pass; ``empty`` and ``floor``
+  (asked for by name): the server's own cost and the design's floor
+  (``scripts/benchkit/apps.py``; the empty app answers 100 bytes, no stream); ``forkproxy``:
   ``forkproxy.app`` under gunicorn.conf.py; ``llm-example`` (asked for by name):
   ``examples/llm_gateway.py`` as shipped, rate limits off; ``naive``: the bench's urllib3 proxy;
 - ``litellm``: the LiteLLM proxy from PyPI in its own venv (``.venv-litellm``),
@@ -118,7 +120,8 @@ def workloads(target: Process, scripts: dict, args) -> dict:
         seconds = (cpu_ticks(pids) - before) / CLK
         result["per_core_s"] = result["requests"] / seconds if pids and seconds else None
         out[name] = result
-    out["ttfc"] = client("openai", "ttfc", target.url, str(args.ttfc), "1")
+    # The empty app never streams: no first chunk to time.
+    out["ttfc"] = client("openai", "ttfc", target.url, str(args.ttfc), "1") if target.name != "empty" else None
     return out
 
 
@@ -189,8 +192,9 @@ def report(results: dict, skipped: dict) -> None:
             w = r[load]
             core = f"{w['per_core_s']:9.0f}" if w["per_core_s"] else f"{'-':>9}"
             cells.append(f"{w['rps']:12.0f} {core} {w['p50_ms']:7.2f} {w['p99_ms']:7.2f}")
-        first = r["ttfc"]["p50_ms"]
-        print(f"{name:10} {cells[0]}   {cells[1]}   {first:8.3f}m {first - direct:+6.3f}m")
+        first = r["ttfc"]["p50_ms"] if r["ttfc"] else None
+        ttfc = f"{first:8.3f}m {first - direct:+6.3f}m" if first is not None else f"{'-':>9} {'-':>7}"
+        print(f"{name:10} {cells[0]}   {cells[1]}   {ttfc}")
     for name, why in skipped.items():
         print(f"{name:10} skipped: {why}")
     print(json.dumps({"llm": results, "skipped": skipped}))
