@@ -60,7 +60,7 @@ LABELS = {"off": "off (Proxy(upstream))", "first_byte": "first_byte_timeout=10",
           "tracing": "tracing, 100% sampled"}
 
 
-def _variants() -> dict:
+def variants() -> dict:
     """Each variant's Proxy, built from the upstream URL (imported in the worker, after gevent's patching)."""
     from forkproxy import Limit, Proxy, Upstream, UpstreamPool
 
@@ -99,7 +99,7 @@ def _variants() -> dict:
             "stream_chunk": StreamChunk, "ws_message": WsMessage, "tracing": Proxy}
 
 
-app = _variants()[os.environ[CHOICE]](os.environ["BENCH_UPSTREAM"]) if CHOICE in os.environ else None
+app = variants()[os.environ[CHOICE]](os.environ["BENCH_UPSTREAM"]) if CHOICE in os.environ else None
 
 
 class CapabilityTarget(Target):

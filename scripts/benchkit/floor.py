@@ -15,6 +15,12 @@ the CPU of one 100-byte GET made three ways, alternating blocks of each:
 - ``naive call`` and ``werkzeug call``: the peers' WSGI apps from the bench,
   called the same way: app code only, no server.
 
+With ``--capabilities``, the WSGI calls are instead ``Proxy(upstream)`` as
+shipped and each variant of ``scripts/bench --capabilities`` but traces
+(first_byte_timeout, a pool, before_attempt, judge_reply, resume_stream,
+deadline, one local limit, on_stream_chunk, on_ws_message): each capability
+on against off, to the microsecond, which the load bench's noise hides.
+
 The minimum over blocks is printed (the least disturbed on a shared machine).
 Under gunicorn every target also pays the server's own cost per request (the
 empty app's figure in ``scripts/bench``): what a target such as "twice a
@@ -105,6 +111,18 @@ def peer_calls(port: int) -> dict:
             "naive call": wsgi_call(apps.naive), "werkzeug call": wsgi_call(apps.werkzeug)}
 
 
+def capability_calls(port: int) -> dict:
+    """``Proxy(upstream)`` and each capability of ``scripts/bench --capabilities`` on (traces aside: they need
+    an exporter), as WSGI calls."""
+    from scripts.benchkit import capabilities
+
+    directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    os.environ[capabilities.STORE] = f"local:{directory}/forkproxy-floor-capabilities.lmdb"
+    made = capabilities.variants()
+    return {capabilities.LABELS[name]: wsgi_call(make(f"http://127.0.0.1:{port}"))
+            for name, make in made.items() if name != "tracing"}
+
+
 def cpu_per_call(fn, count: int) -> float:
     start = time.process_time()
     for _ in range(count):
@@ -116,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--block", type=int, default=500, help="calls per timed block")
+    parser.add_argument("--capabilities", action="store_true", help="Proxy as shipped against each capability on")
     args = parser.parse_args()
     if not shutil.which("nginx"):
         sys.exit("the static upstream needs nginx (Debian package nginx)")
@@ -123,7 +142,8 @@ def main() -> None:
     port = free_port()
     upstream = static_upstream(port, html)
     try:
-        ways = {"raw socket": RawClient(port), "urllib3 pool": pool_exchange(port), **peer_calls(port)}
+        calls = capability_calls(port) if args.capabilities else peer_calls(port)
+        ways = {"raw socket": RawClient(port), "urllib3 pool": pool_exchange(port), **calls}
         for fn in ways.values():
             cpu_per_call(fn, 300)  # warm: connections made, code paths taken once
         best = {name: float("inf") for name in ways}
@@ -135,7 +155,7 @@ def main() -> None:
         shutil.rmtree(html, ignore_errors=True)
     print(f"CPU per 100-byte GET, one process (pid {os.getpid()}), minimum of {args.rounds} blocks:")
     for name, us in best.items():
-        print(f"  {name:19s} {us:6.1f} us")
+        print(f"  {name:31s} {us:6.1f} us")
 
 
 if __name__ == "__main__":
