@@ -49,7 +49,10 @@ def configure_worker(worker: Any) -> None:
     (config file, flags, GUNICORN_CMD_ARGS), which the app cannot see otherwise.
     """
     global _server_trusted, _access_logger
+    import gevent
+
     from forkproxy.server import capabilities, shutdown  # gevent, urllib3: only in the worker, after it patched
+    from forkproxy.upstream import names
 
     try:
         capabilities.check()
@@ -61,6 +64,7 @@ def configure_worker(worker: Any) -> None:
     _write_in_one_send()
     _date_once_a_second()
     _no_spawning_stacks()
+    names.install(gevent.get_hub())
     shutdown.watch(worker)
     ours, theirs = logging.getLogger("forkproxy"), logging.getLogger("gunicorn.error")
     ours.handlers = list(theirs.handlers)
