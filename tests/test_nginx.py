@@ -9,7 +9,7 @@ import pytest
 from tests.support.client import StreamClient, request
 from tests.support.gunicorn import Gunicorn
 from tests.support.nginx import NGINX, Nginx
-from tests.support.servers import RawServer, free_port, read_request_head
+from tests.support.servers import RawServer, free_port, read_request_head, silent_after_one_event
 from tests.support.websocket import WebSocketUpstream
 from websockets.sync.client import connect
 
@@ -50,6 +50,25 @@ def test_sse_events_pass_nginx_one_at_a_time(stack, upstream):
     first_seen.set()
     assert b"".join(client.read_rest()) == b"data: second\n\n"
     assert waited["first"] is True
+
+
+def test_a_client_that_leaves_a_silent_stream_through_nginx_ends_it_at_once(upstream):
+    # nginx lets go of forkproxy's connection when its client leaves; the relay, waiting on a silent
+    # upstream (stream_idle_timeout 60 s), notices that at once and hangs up on the upstream.
+    g = Gunicorn("tests.apps.streams:app", env={"TEST_UPSTREAM": upstream.url, "TEST_IDLE": "60"}).start()
+    front = Nginx(f"127.0.0.1:{g.port}")
+    proxy_hung_up = threading.Event()
+    silent = silent_after_one_event(proxy_hung_up)
+    try:
+        client = StreamClient(front.url, f"/ngx-left/{uuid.uuid4().hex}", headers={"X-Test-Upstream": silent.url})
+        assert client.read_head() == 200
+        assert client.next_chunk() == b"data: 0\n\n"
+        client.close()
+        assert proxy_hung_up.wait(10), "the upstream kept a stream whose client left through nginx"
+    finally:
+        silent.close()
+        front.stop()
+        g.stop()
 
 
 def test_forwarded_chain_through_nginx(stack, upstream):

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.client import StreamClient, Truncated, request
 from tests.support.gunicorn import rss_kib
-from tests.support.servers import RawServer, event_stream, read_request_head
+from tests.support.servers import RawServer, event_stream, read_request_head, silent_after_one_event
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -173,19 +173,6 @@ def test_client_that_goes_away_closes_the_upstream_connection(streams):
         assert len(sent) < 100
     finally:
         server.close()
-
-
-def silent_after_one_event(proxy_hung_up):
-    """An upstream that sends one event, then nothing (a model thinking); sets ``proxy_hung_up`` at its EOF."""
-    def script(conn):
-        conn.sendall(HEAD + chunk(b"data: 0\n\n"))
-        conn.settimeout(30)
-        try:
-            if conn.recv(1) == b"":
-                proxy_hung_up.set()
-        except OSError:
-            proxy_hung_up.set()
-    return raw_upstream(script)
 
 
 def test_a_client_that_leaves_a_silent_stream_ends_it_at_once(streams_factory):

@@ -336,3 +336,19 @@ def servers(n: int) -> Iterator[list[Upstream]]:
     finally:
         for server in started:
             server.close()
+
+
+def silent_after_one_event(proxy_hung_up: threading.Event) -> "RawServer":
+    """An upstream event stream that sends one event, then nothing (a model thinking); it sets
+    ``proxy_hung_up`` when the proxy closes the connection."""
+    def script(conn: socket.socket) -> None:
+        read_request_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"9\r\ndata: 0\n\n\r\n")
+        conn.settimeout(30)
+        try:
+            if conn.recv(1) == b"":
+                proxy_hung_up.set()
+        except OSError:
+            proxy_hung_up.set()
+    return RawServer(script)
