@@ -12,7 +12,7 @@ def test_an_ip_address_is_an_address(host):
     assert names.is_address(host)
 
 
-@pytest.mark.parametrize("host", ["localhost", "api.openai.com", "fe80::1%eth0", "1.2.3", "", b"127.0.0.1", None])
+@pytest.mark.parametrize("host", ["localhost", "api.openai.com", "fe80::1%eth0", "1.2.3", "", "1.2.3.4\x00x", b"127.0.0.1", None])
 def test_a_name_or_anything_else_is_not(host):
     assert not names.is_address(host)
 

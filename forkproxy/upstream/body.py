@@ -170,24 +170,35 @@ class WaitingRead:
     def _wait_either(self) -> None:
         """Until the upstream's socket is readable; ``ClientLeft`` if the client's connection ends first."""
         watcher, client = self._client
-        readable, waiter = self._readable, Waiter()
-        readable.start(waiter.switch, readable)
-        watcher.start(waiter.switch, watcher)
-        try:
-            woke = waiter.get()
-        finally:
-            readable.stop()
-            watcher.stop()
-        if woke is watcher:
+        readable = self._readable
+        while self._client is not None:
+            waiter = Waiter()
+            readable.start(waiter.switch, readable)
+            watcher.start(waiter.switch, watcher)
+            try:
+                woke = waiter.get()
+            finally:
+                readable.stop()
+                watcher.stop()
+            if woke is readable:
+                return
             self._check_client(client)
+        self._wait(readable)  # the client sent bytes: no longer watched
 
     def _check_client(self, client: Any) -> None:
-        """The client's socket is readable: at its end, the client left; bytes (a pipelined request) are
-        left for the server, and the client is no longer watched (it would stay readable)."""
+        """The client's socket woke the wait: at its end, the client left (``ClientLeft``); bytes (a pipelined
+        request) are left for the server and the client is no longer watched (it would stay readable); nothing
+        (a spurious wake) changes nothing. The peek never waits."""
+        timeout = client.gettimeout()
+        client.settimeout(0)
         try:
             left = not client.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
         except OSError:  # reset
             left = True
+        finally:
+            client.settimeout(timeout)
         if left:
             raise ClientLeft("the client closed its connection")
         self._client = None

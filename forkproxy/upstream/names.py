@@ -34,7 +34,7 @@ def is_address(host: Any) -> bool:
         try:
             _socket.inet_pton(family, host)
             return True
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the string
             pass
     return False
 
