@@ -175,9 +175,12 @@ def test_client_that_goes_away_closes_the_upstream_connection(streams):
         server.close()
 
 
-def test_a_client_that_leaves_a_silent_stream_ends_it_at_once(streams_factory):
-    # Not at the next write, nor at stream_idle_timeout (60 s here): the upstream stops working for nobody.
-    g = streams_factory(TEST_IDLE="60", TEST_MAX_EVENT="65536", TEST_MAX_RESPONSE="1000")
+@pytest.mark.parametrize("heartbeat", ["", "5"], ids=["reads-in-the-relay", "reads-behind-heartbeats"])
+@pytest.mark.parametrize("leaving", ["close", "half-close"])
+def test_a_client_that_leaves_a_silent_stream_ends_it_at_once(streams_factory, heartbeat, leaving):
+    # Not at the next write (a heartbeat 5 s away), nor at stream_idle_timeout (60 s here): the upstream
+    # stops working for nobody. A client that shuts down its sending side counts as gone, as nginx counts it.
+    g = streams_factory(TEST_IDLE="60", TEST_MAX_EVENT="65536", TEST_MAX_RESPONSE="1000", TEST_HEARTBEAT=heartbeat)
     proxy_hung_up = threading.Event()
     server = silent_after_one_event(proxy_hung_up)
     path = unique()
@@ -186,8 +189,11 @@ def test_a_client_that_leaves_a_silent_stream_ends_it_at_once(streams_factory):
         client.read_head()
         assert client.next_chunk() == b"data: 0\n\n"
         time.sleep(0.3)  # the relay waits for the upstream's next bytes
-        client.close()
-        assert proxy_hung_up.wait(10), "the proxy kept the upstream connection of a client that left"
+        if leaving == "close":
+            client.close()
+        else:
+            client.sock.shutdown(socket.SHUT_WR)
+        assert proxy_hung_up.wait(4), "the proxy kept the upstream connection of a client that left"
         record = g.records.wait_one(path)
         assert record["client_disconnected"] and not record["errored"] and record["error"] is None
         assert (record["chunk_count"], "Traceback" in g.log()) == (1, False)
