@@ -9,10 +9,10 @@ relay calls the bound ``next``, as cheap to call as a function.
 """
 from __future__ import annotations
 
+import socket
 from http.client import IncompleteRead
 from typing import Any, Callable, Protocol
 
-import socket
 from gevent import Timeout
 from gevent.hub import Waiter, get_hub
 
@@ -152,26 +152,21 @@ class WaitingRead:
             idle.start()
         try:
             if self._short:
-                if self._client is None:
-                    self._wait(self._readable)
-                else:
-                    self._wait_either()
+                self._wait_readable()
             return self._recv(n)
         finally:
             if idle is not None:
                 idle.cancel()
 
-
     def watch(self, client: Any) -> None:
-        """While waiting, also notice the end of ``client``'s connection (a plain gevent socket)."""
-        if self._readable is not None:
-            self._client = (get_hub().loop.io(client.fileno(), 1), client)
+        """While waiting, also notice the end of ``client``'s connection (both plain gevent sockets)."""
+        self._client = (get_hub().loop.io(client.fileno(), 1), client)
 
-    def _wait_either(self) -> None:
-        """Until the upstream's socket is readable; ``ClientLeft`` if the client's connection ends first."""
-        watcher, client = self._client
+    def _wait_readable(self) -> None:
+        """Until the upstream's socket is readable; ``ClientLeft`` if the watched client's connection ends first."""
         readable = self._readable
         while self._client is not None:
+            watcher, client = self._client
             waiter = Waiter()
             readable.start(waiter.switch, readable)
             watcher.start(waiter.switch, watcher)
@@ -183,7 +178,7 @@ class WaitingRead:
             if woke is readable:
                 return
             self._check_client(client)
-        self._wait(readable)  # the client sent bytes: no longer watched
+        self._wait(readable)  # no client watched, or it sent bytes
 
     def _check_client(self, client: Any) -> None:
         """The client's socket woke the wait: at its end, the client left (``ClientLeft``); bytes (a pipelined

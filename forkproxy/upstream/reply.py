@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 import gevent.socket
 from urllib3 import HTTPHeaderDict
 
-from forkproxy.upstream.body import WaitingRead, idle_timer, reader_for
 from forkproxy.http.wire import Framing, StatusLine
+from forkproxy.upstream.body import WaitingRead, idle_timer, reader_for
 
 if TYPE_CHECKING:
     from urllib3 import HTTPConnectionPool

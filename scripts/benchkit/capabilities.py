@@ -223,8 +223,7 @@ def main() -> None:
         sse.stop()
         receiver.stop()
         shutil.rmtree(html, ignore_errors=True)
-        for suffix in ("", "-lock"):
-            Path(f"{local}{suffix}").unlink(missing_ok=True)
+        harness.remove_lmdb(local)
     after = sources()
     changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
     table = summarize(runs)

@@ -121,6 +121,12 @@ class Nginx(Process):
         super().stop()
 
 
+def remove_lmdb(path: str | Path) -> None:
+    """An LMDB store file a bench made (a ``local`` limits store), and its lock file."""
+    for suffix in ("", "-lock"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def static_upstream(port: int, html: Path) -> Nginx:
     (html / "b").mkdir()
     (html / "b" / "small").write_bytes(b"s" * 100)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from forkproxy.limits.paths import default_path
 from scripts.benchkit.pools import cpu_per_small_get_of
-from scripts.benchkit.harness import LOAD_CPU, Target, alternating_args, free_port, pin, static_upstream, wrk
+from scripts.benchkit.harness import (LOAD_CPU, Target, alternating_args, free_port, pin, remove_lmdb, static_upstream,
+                                      wrk)
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:
@@ -90,8 +91,7 @@ def main() -> None:
         redis.wait()
         upstream.stop()
         shutil.rmtree(html, ignore_errors=True)
-        for suffix in ("", "-lock"):
-            Path(local[len("local:"):] + suffix).unlink(missing_ok=True)
+        remove_lmdb(local[len("local:"):])
 
 
 if __name__ == "__main__":
