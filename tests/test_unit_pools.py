@@ -212,3 +212,42 @@ def test_a_reply_released_after_the_next_member_was_chosen_comes_off_its_own_mem
     route.next()  # a retry's member, chosen before the first reply is drained
     release()
     assert pool.in_flight[first] == 0 and pool.in_flight[route.current] == 1
+
+
+def test_a_connect_on_its_own_greenlet_that_is_interrupted_is_ended_before_the_interruption_goes_on():
+    """A worker stopping kills a request while its connect waits: the connect must not run on later."""
+    gevent = pytest.importorskip("gevent")
+    from greenlet import GreenletExit, getcurrent
+
+    from forkproxy.server.shutdown import WorkerStopping
+    from forkproxy.upstream.connections import _on_own_stack
+
+    seen = []
+
+    def connect(conn):  # stands for a connect waiting on the network
+        seen.append(("ran on its own greenlet", getcurrent() is not requester))
+        try:
+            gevent.sleep(0.3)
+            seen.append("finished")
+        except GreenletExit:
+            seen.append("ended")
+            raise
+
+    requester = gevent.spawn(_on_own_stack, connect, None)
+    gevent.sleep(0.05)
+    requester.kill(WorkerStopping, block=True, timeout=2)  # as shutdown.stop_all ends a request
+    assert requester.dead and isinstance(requester.value, WorkerStopping)  # a GreenletExit: gevent's value
+    gevent.sleep(0.4)  # past when the connect would have finished
+    assert seen == [("ran on its own greenlet", True), "ended"]
+
+
+def test_what_a_connect_on_its_own_greenlet_raises_reaches_the_request():
+    gevent = pytest.importorskip("gevent")
+    from forkproxy.upstream.connections import _on_own_stack
+
+    def refused(conn):
+        gevent.sleep(0.01)
+        raise SentNothing.refused(ConnectionRefusedError(111, "refused"))
+
+    with pytest.raises(SentNothing):
+        gevent.spawn(_on_own_stack, refused, None).get(timeout=2)

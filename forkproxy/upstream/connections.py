@@ -25,9 +25,10 @@ import select
 import socket
 import time
 from http.client import HTTPException, RemoteDisconnected
-from typing import Any
+from typing import Any, Callable
 
 from gevent.monkey import get_original
+from greenlet import greenlet
 from urllib3.connection import HTTPConnection, HTTPSConnection, port_by_scheme
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, LocationValueError, NewConnectionError, SSLError
@@ -133,7 +134,7 @@ class _Exchange:
         connect_timeout = Timeout.resolve_default_timeout(timeout.connect_timeout)
         conn.timeout = connect_timeout
         if conn.is_closed:
-            _connect(conn)
+            _on_own_stack(_connect, conn)
         sock = conn.sock
         fp = None
         body_unsent, nothing_read = False, True
@@ -171,6 +172,31 @@ def _connect(conn: HTTPConnection) -> None:
         raise SentNothing.timed_out(exc) from exc
     except (OSError, CertificateError, SSLError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
         raise SentNothing.tls(exc, timed_out=_timed_out(exc)) from exc
+
+
+def _on_own_stack(work: Callable[[HTTPConnection], None], conn: HTTPConnection) -> None:
+    """``work(conn)`` on a greenlet of its own, run at once and ended before this returns.
+
+    A connect is the deepest point of a request: urllib3, name resolution,
+    gevent's connect and its timeout, perhaps a TLS handshake, below the
+    lifecycle and the attempt loop. CPython 3.11 keeps a greenlet's frames
+    in a chunk of its own and never gives back a page of it that was once
+    touched, so a stream's greenlet kept the page its connect touched for
+    the stream's whole life: about 4 KiB per open stream. A greenlet that
+    ends gives its chunk back. It costs about 10 µs per new connection;
+    a kept-alive one costs nothing.
+
+    No hook runs here. If this greenlet is interrupted meanwhile (a worker
+    stopping kills it), the work is ended the same way before the
+    interruption goes on, so nothing of it runs later.
+    """
+    helper = greenlet(work)  # its parent is this greenlet: when work ends, this one goes on
+    try:
+        helper.switch(conn)
+    except BaseException:
+        if not helper.dead:
+            helper.throw()  # GreenletExit where the work waits, which unwinds it
+        raise
 
 
 def _failure_once_sent(exc: OSError | HTTPException, body_unsent: bool, nothing_read: bool) -> AttemptFailed:
