@@ -13,8 +13,8 @@ import socket
 from http.client import IncompleteRead
 from typing import Any, Callable, Protocol
 
-from gevent import Timeout
 from gevent.hub import Waiter, get_hub
+from greenlet import getcurrent
 
 from forkproxy.http.chunked import Dechunker
 from forkproxy.http.wire import Framing
@@ -109,9 +109,10 @@ class WaitingRead:
     is saved to the heap while the stream waits. After a short read the next
     bytes are rarely there yet: the read waits until the socket is readable,
     then reads once, instead of first making a read that finds nothing (a
-    syscall and an exception per unit). ``idle`` bounds each wait: one timer
-    kept for the stream, started and cancelled around each read, where a
-    socket timeout makes and drops one per wait. A TLS socket keeps its own
+    syscall and an exception per unit). ``set_idle`` bounds each wait: one
+    libev timer kept for the stream, started and stopped around each read,
+    where a socket timeout makes and drops a ``gevent.Timeout`` (an object,
+    its dict and its callback) per wait. A TLS socket keeps its own
     timeout and always reads first (it may hold decrypted bytes its socket
     no longer shows as readable).
 
@@ -122,20 +123,24 @@ class WaitingRead:
     write or ``stream_idle_timeout``.
     """
 
-    __slots__ = ("idle", "_held", "_recv", "_readable", "_wait", "_short", "_client")
+    __slots__ = ("_idle", "_held", "_sock", "_readable", "_short", "_client")
 
     def __init__(self, sock: Any, held: bytes, hub_timed: bool) -> None:
         self._held = held
-        self._recv = sock.recv
+        self._sock = sock
         self._short = False
-        self.idle: Timeout | None = None
+        self._idle: Any = None  # the libev timer bounding one read's wait; None: no bound
         self._readable: Any = None
         self._client: tuple[Any, Any] | None = None  # (its watcher, the client's socket)
         if hub_timed:
-            self.idle = idle_timer(sock.gettimeout())
+            self.set_idle(sock.gettimeout())
             sock.settimeout(None)
-            hub = get_hub()
-            self._readable, self._wait = hub.loop.io(sock.fileno(), 1), hub.wait
+            self._readable = get_hub().loop.io(sock.fileno(), 1)
+
+    def set_idle(self, seconds: float | None) -> None:
+        """The longest one read may wait from now on (None: for ever); past it the read raises ``TimeoutError``,
+        as a socket's own timeout does."""
+        self._idle = None if seconds is None else get_hub().loop.timer(seconds)
 
     def read(self, n: int) -> bytes:
         held = self._held
@@ -147,16 +152,16 @@ class WaitingRead:
         return data
 
     def _read_socket(self, n: int) -> bytes:
-        idle = self.idle
+        idle = self._idle
         if idle is not None:
-            idle.start()
+            idle.start(getcurrent().throw, TimeoutError)
         try:
             if self._short:
                 self._wait_readable()
-            return self._recv(n)
+            return self._sock.recv(n)
         finally:
             if idle is not None:
-                idle.cancel()
+                idle.stop()
 
     def watch(self, client: Any) -> None:
         """While waiting, also notice the end of ``client``'s connection (both plain gevent sockets)."""
@@ -178,7 +183,7 @@ class WaitingRead:
             if woke is readable:
                 return
             self._check_client(client)
-        self._wait(readable)  # no client watched, or it sent bytes
+        get_hub().wait(readable)  # no client watched, or it sent bytes
 
     def _check_client(self, client: Any) -> None:
         """The client's socket woke the wait: at its end, the client left (``ClientLeft``); bytes (a pipelined
@@ -197,8 +202,3 @@ class WaitingRead:
         if left:
             raise ClientLeft("the client closed its connection")
         self._client = None
-
-
-def idle_timer(seconds: float | None) -> Timeout | None:
-    """A reusable bound on one read's wait: it raises ``TimeoutError``, as a socket's own timeout does."""
-    return None if seconds is None else Timeout(seconds, TimeoutError)

@@ -8,6 +8,7 @@ the streaming path relays whatever one read brought.
 """
 from __future__ import annotations
 
+import io
 import time
 from http.client import IncompleteRead
 from ssl import SSLWantReadError
@@ -17,7 +18,7 @@ import gevent.socket
 from urllib3 import HTTPHeaderDict
 
 from forkproxy.http.wire import Framing, StatusLine
-from forkproxy.upstream.body import WaitingRead, idle_timer, reader_for
+from forkproxy.upstream.body import WaitingRead, reader_for
 
 if TYPE_CHECKING:
     from urllib3 import HTTPConnectionPool
@@ -30,6 +31,8 @@ _DRAIN_LIMIT = 64 * 1024
 _DRAIN_SECONDS = 1.0  # the longest a retry waits for the body of the reply it replaces
 READ_BUFFER = 2048  # the reader's buffer: the head is read through it; larger body reads bypass it
 BODY_READ = 64 * 1024  # the most one read of a body asks for
+_TAKEN = io.BytesIO()  # a reply's reader once its socket was taken: closed, as the reader it stands for
+_TAKEN.close()
 
 
 class UpstreamReply:
@@ -84,7 +87,7 @@ class UpstreamReply:
     def set_read_timeout(self, seconds: float | None) -> None:
         """The longest one read may wait from now on (None: for ever)."""
         if self._waiting is not None:
-            self._waiting.idle = idle_timer(seconds)
+            self._waiting.set_idle(seconds)
             return
         conn = self._conn
         if conn is not None and conn.sock is not None:
@@ -144,6 +147,7 @@ class UpstreamReply:
         finally:
             sock.settimeout(timeout)
         self._fp.close()
+        self._fp = _TAKEN  # the closed reader, its buffer and its socket's file object go with it
         return sock, held
 
     # -- the connection -------------------------------------------------------

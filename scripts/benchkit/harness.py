@@ -161,6 +161,8 @@ class Target(Process):
                   proxy_set_header Upgrade $http_upgrade; proxy_buffering off; proxy_read_timeout 600s; }} }}"""
             self.nginx = NginxProcess(body, pin(PROXY_CPU))
             self.proc = self.nginx.proc
+        elif name == "gevent-relay":  # no HTTP, no WSGI: the floor of any gevent design (benchkit/gevent_relay.py)
+            self.spawn([sys.executable, "-m", "scripts.benchkit.gevent_relay", str(self.port), upstream], PROXY_CPU)
         elif name == "proxypy":
             # --threaded: proxy.py's default threadless mode fails under keep-alive load here
             self.spawn([sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(self.port),
