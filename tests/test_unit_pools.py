@@ -251,3 +251,46 @@ def test_what_a_connect_on_its_own_greenlet_raises_reaches_the_request():
 
     with pytest.raises(SentNothing):
         gevent.spawn(_on_own_stack, refused, None).get(timeout=2)
+
+
+def test_a_connect_on_its_own_greenlet_sees_the_requests_contextvars():
+    gevent = pytest.importorskip("gevent")
+    import contextvars
+
+    from forkproxy.upstream.connections import _on_own_stack
+
+    trace_id = contextvars.ContextVar("trace_id", default="unset")
+    seen = []
+
+    def request():
+        trace_id.set("abc")
+        _on_own_stack(lambda conn: seen.append(trace_id.get()), None)
+
+    gevent.spawn(request).get(timeout=2)
+    assert seen == ["abc"]
+
+
+def test_a_stray_switch_into_a_request_whose_connect_runs_is_refused_and_the_connect_ended():
+    gevent = pytest.importorskip("gevent")
+    from gevent.exceptions import InvalidSwitchError
+    from greenlet import GreenletExit
+
+    from forkproxy.upstream.connections import _on_own_stack
+
+    seen = []
+
+    def connect(conn):
+        try:
+            gevent.sleep(0.3)
+            seen.append("finished")
+        except GreenletExit:
+            seen.append("ended")
+            raise
+
+    requester = gevent.spawn(_on_own_stack, connect, None)
+    gevent.sleep(0.05)
+    gevent.get_hub().loop.run_callback(requester.switch, "a stray value")
+    with pytest.raises(InvalidSwitchError):
+        requester.get(timeout=2)
+    gevent.sleep(0.4)
+    assert seen == ["ended"]

@@ -140,7 +140,8 @@ class WaitingRead:
     def set_idle(self, seconds: float | None) -> None:
         """The longest one read may wait from now on (None: for ever); past it the read raises ``TimeoutError``,
         as a socket's own timeout does."""
-        self._idle = None if seconds is None else get_hub().loop.timer(seconds)
+        # Below the sockets' priority, as gevent.Timeout's: bytes and the bound due in one loop turn go to the bytes.
+        self._idle = None if seconds is None else get_hub().loop.timer(seconds, priority=-1)
 
     def read(self, n: int) -> bytes:
         held = self._held
@@ -154,7 +155,7 @@ class WaitingRead:
     def _read_socket(self, n: int) -> bytes:
         idle = self._idle
         if idle is not None:
-            idle.start(getcurrent().throw, TimeoutError)
+            idle.start(getcurrent().throw, TimeoutError, update=True)  # from now, not the loop's last clock reading
         try:
             if self._short:
                 self._wait_readable()

@@ -27,8 +27,9 @@ import time
 from http.client import HTTPException, RemoteDisconnected
 from typing import Any, Callable
 
+from gevent.exceptions import InvalidSwitchError
 from gevent.monkey import get_original
-from greenlet import greenlet
+from greenlet import GreenletExit, getcurrent, greenlet
 from urllib3.connection import HTTPConnection, HTTPSConnection, port_by_scheme
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, LocationValueError, NewConnectionError, SSLError
@@ -186,17 +187,24 @@ def _on_own_stack(work: Callable[[HTTPConnection], None], conn: HTTPConnection) 
     ends gives its chunk back. It costs about 10 µs per new connection;
     a kept-alive one costs nothing.
 
-    No hook runs here. If this greenlet is interrupted meanwhile (a worker
-    stopping kills it), the work is ended the same way before the
-    interruption goes on, so nothing of it runs later.
+    No hook runs here; the work sees the request's contextvars all the
+    same. If this greenlet is interrupted meanwhile (a worker stopping kills
+    it), or switched into by something else, the work is ended before the
+    interruption goes on, so nothing of it runs later; if the work's own
+    greenlet is killed, the connect fails with that.
     """
     helper = greenlet(work)  # its parent is this greenlet: when work ends, this one goes on
+    helper.gr_context = getcurrent().gr_context
     try:
-        helper.switch(conn)
+        ended = helper.switch(conn)
+        if not helper.dead:  # a stray switch into this greenlet, which gevent's own waits refuse too
+            raise InvalidSwitchError(f"switch into a request while its connect runs: {ended!r}")
     except BaseException:
         if not helper.dead:
             helper.throw()  # GreenletExit where the work waits, which unwinds it
         raise
+    if isinstance(ended, GreenletExit):  # the helper itself was killed: no connection was made
+        raise ended
 
 
 def _failure_once_sent(exc: OSError | HTTPException, body_unsent: bool, nothing_read: bool) -> AttemptFailed:
