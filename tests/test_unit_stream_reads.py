@@ -31,7 +31,7 @@ def upstream_and_reader():
 def test_a_read_bound_counts_from_when_the_read_starts_not_from_the_loops_last_clock_reading(upstream_and_reader):
     _, reader = upstream_and_reader
     reader.settimeout(1.0)
-    read = WaitingRead(reader, b"", hub_timed=True)
+    read = WaitingRead(reader, b"")
     gevent.sleep(0.05)  # resumed by a loop turn, whose clock reading is now
     busy(0.6)  # work of other greenlets in that same turn
     started = time.monotonic()
@@ -44,7 +44,7 @@ def test_a_read_bound_counts_from_when_the_read_starts_not_from_the_loops_last_c
 def test_bytes_that_came_in_time_win_over_a_bound_due_in_the_same_loop_turn(upstream_and_reader, after_a_unit):
     upstream, reader = upstream_and_reader
     reader.settimeout(0.3)
-    read = WaitingRead(reader, b"", hub_timed=True)
+    read = WaitingRead(reader, b"")
     if after_a_unit:  # the next read waits for readable, then reads
         upstream.send(b"unit")
         assert read.read(10) == b"unit"

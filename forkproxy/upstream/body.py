@@ -13,6 +13,7 @@ import socket
 from http.client import IncompleteRead
 from typing import Any, Callable, Protocol
 
+import gevent.socket
 from gevent.hub import Waiter, get_hub
 from greenlet import getcurrent
 
@@ -31,50 +32,8 @@ class Reply(Protocol):
         """The body was read to its end: its connection can be reused."""
 
 
-class ChunkedBody:
-    """A chunked body: the chunks each read completed."""
-
-    __slots__ = ("_reply", "_read", "_size", "_dechunker")
-
-    def __init__(self, reply: Reply, read: Read, size: int) -> None:
-        self._reply, self._read, self._size = reply, read, size
-        self._dechunker = Dechunker(size)
-
-    def next(self) -> list[bytes] | None:
-        dechunker = self._dechunker
-        if dechunker.done:
-            self._reply.body_ended()
-            return None
-        dechunker.raise_if_broken()  # fail now, not after waiting for bytes that may never come
-        data = self._read(self._size)
-        if not data:
-            dechunker.finish()  # raises: the body ended inside the coding
-        return dechunker.feed(data)
-
-
-class SizedBody:
-    """A body of a Content-Length: what each read brought, never past the length."""
-
-    __slots__ = ("_reply", "_read", "_size", "_owed")
-
-    def __init__(self, reply: Reply, read: Read, size: int) -> None:
-        self._reply, self._read, self._size = reply, read, size
-        self._owed = reply.framing.length or 0
-
-    def next(self) -> list[bytes] | None:
-        owed = self._owed
-        if not owed:
-            self._reply.body_ended()
-            return None
-        data = self._read(min(self._size, owed))
-        if not data:
-            raise IncompleteRead(b"", owed)
-        self._owed = owed - len(data)
-        return [data]
-
-
-class BodyToClose:
-    """A body that ends when the upstream closes the connection."""
+class BodyReader:
+    """A body that ends when the upstream closes the connection; the base of the readers of the other framings."""
 
     __slots__ = ("_reply", "_read", "_size")
 
@@ -89,12 +48,54 @@ class BodyToClose:
         return [data]
 
 
-def reader_for(framing: Framing) -> type[ChunkedBody] | type[SizedBody] | type[BodyToClose]:
+class ChunkedBody(BodyReader):
+    """A chunked body: the chunks each read completed."""
+
+    __slots__ = ("_dechunker",)
+
+    def __init__(self, reply: Reply, read: Read, size: int) -> None:
+        super().__init__(reply, read, size)
+        self._dechunker = Dechunker(size)
+
+    def next(self) -> list[bytes] | None:
+        dechunker = self._dechunker
+        if dechunker.done:
+            self._reply.body_ended()
+            return None
+        dechunker.raise_if_broken()  # fail now, not after waiting for bytes that may never come
+        data = self._read(self._size)
+        if not data:
+            dechunker.finish()  # raises: the body ended inside the coding
+        return dechunker.feed(data)
+
+
+class SizedBody(BodyReader):
+    """A body of a Content-Length: what each read brought, never past the length."""
+
+    __slots__ = ("_owed",)
+
+    def __init__(self, reply: Reply, read: Read, size: int) -> None:
+        super().__init__(reply, read, size)
+        self._owed = reply.framing.length or 0
+
+    def next(self) -> list[bytes] | None:
+        owed = self._owed
+        if not owed:
+            self._reply.body_ended()
+            return None
+        data = self._read(min(self._size, owed))
+        if not data:
+            raise IncompleteRead(b"", owed)
+        self._owed = owed - len(data)
+        return [data]
+
+
+def reader_for(framing: Framing) -> type[BodyReader]:
     if framing.chunked:
         return ChunkedBody
     if framing.length is not None:
         return SizedBody
-    return BodyToClose
+    return BodyReader
 
 
 class ClientLeft(Exception):
@@ -125,21 +126,24 @@ class WaitingRead:
 
     __slots__ = ("_idle", "_held", "_sock", "_readable", "_short", "_client")
 
-    def __init__(self, sock: Any, held: bytes, hub_timed: bool) -> None:
+    def __init__(self, sock: Any, held: bytes) -> None:
         self._held = held
         self._sock = sock
         self._short = False
         self._idle: Any = None  # the libev timer bounding one read's wait; None: no bound
-        self._readable: Any = None
+        self._readable: Any = None  # the socket's watcher, when the hub times its waits
         self._client: tuple[Any, Any] | None = None  # (its watcher, the client's socket)
-        if hub_timed:
+        if type(sock) is gevent.socket.socket:  # not TLS
+            self._readable = get_hub().loop.io(sock.fileno(), 1)
             self.set_idle(sock.gettimeout())
             sock.settimeout(None)
-            self._readable = get_hub().loop.io(sock.fileno(), 1)
 
     def set_idle(self, seconds: float | None) -> None:
         """The longest one read may wait from now on (None: for ever); past it the read raises ``TimeoutError``,
-        as a socket's own timeout does."""
+        as a socket's own timeout does (a TLS socket's own timeout is that bound)."""
+        if self._readable is None:
+            self._sock.settimeout(seconds)
+            return
         # Below the sockets' priority, as gevent.Timeout's: bytes and the bound due in one loop turn go to the bytes.
         self._idle = None if seconds is None else get_hub().loop.timer(seconds, priority=-1)
 
@@ -165,8 +169,10 @@ class WaitingRead:
                 idle.stop()
 
     def watch(self, client: Any) -> None:
-        """While waiting, also notice the end of ``client``'s connection (both plain gevent sockets)."""
-        self._client = (get_hub().loop.io(client.fileno(), 1), client)
+        """While waiting, also notice the end of ``client``'s connection; only where both sockets are plain
+        gevent ones (a TLS read waits in its socket)."""
+        if self._readable is not None and type(client) is gevent.socket.socket:
+            self._client = (get_hub().loop.io(client.fileno(), 1), client)
 
     def _wait_readable(self) -> None:
         """Until the upstream's socket is readable; ``ClientLeft`` if the watched client's connection ends first."""

@@ -3,10 +3,9 @@
 gevent's default resolver runs every ``getaddrinfo`` on a thread of the hub's
 pool, ``127.0.0.1`` included, though the C library answers an address from
 the string alone, without a lookup: each new upstream connection paid a
-hand-off to a thread and back (lock waits and two wake-ups) and waited at the
-deepest point of a request's stack, whose frames a stream's greenlet then
-keeps resident for the stream's life. A host that is a name still resolves
-on the thread, where a slow DNS server cannot stall the worker.
+hand-off to a thread and back (lock waits and two wake-ups). A host that is
+a name still resolves on the thread, where a slow DNS server cannot stall
+the worker.
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from http.client import IncompleteRead
 from ssl import SSLWantReadError
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-import gevent.socket
 from urllib3 import HTTPHeaderDict
 
 from forkproxy.http.wire import Framing, StatusLine
@@ -52,7 +51,7 @@ class UpstreamReply:
         self._connections = connections
         self._done = framing.length == 0 and not framing.chunked
         self.on_release: Callable[[], None] | None = None  # told once: the attempt that got this reply is over
-        self._waiting: WaitingRead | None = None  # a stream's read: its own timer bounds each wait
+        self._waiting: WaitingRead | None = None  # a stream's read, which bounds its own waits
         self._reading = False  # a reader of the body was made: what it read is gone from the connection
 
     def get_redirect_location(self) -> bool:
@@ -111,17 +110,13 @@ class UpstreamReply:
         self._reading = True
         read = self._fp.read1
         if waiting:
-            sock, held = self.take_socket()
-            hub_timed = type(sock) is gevent.socket.socket  # a TLS socket keeps its own timeout
-            waiter = WaitingRead(sock, held, hub_timed)
-            if hub_timed:
-                self._waiting = waiter  # set_read_timeout sets its timer
-            read = waiter.read
+            self._waiting = WaitingRead(*self.take_socket())  # set_read_timeout bounds its waits
+            read = self._waiting.read
         return reader_for(self.framing)(self, read, size).next
 
     def watch_client(self, client: Any) -> None:
-        """A stream's waits also notice the client's connection ending (``body.ClientLeft``); plain sockets only."""
-        if self._waiting is not None and type(client) is gevent.socket.socket:
+        """A stream's waits also notice the client's connection ending (``body.ClientLeft``)."""
+        if self._waiting is not None:
             self._waiting.watch(client)
 
     def body_ended(self) -> None:
